@@ -1,0 +1,5 @@
+"""Errors for bad user input: one clear message naming the field or file, no traceback at the CLI."""
+
+
+class InputError(ValueError):
+    """Bad input (prompt file, switch frames, checkpoint, shard, cluster shape); the message names it."""
