@@ -371,6 +371,9 @@ class ClusterConfig:
     """Logical CPUs of the embedded local cluster (more than physical cores so Ray Data tasks can run next to Train workers)."""
     max_failures: int = 2
     """Ray Train FailureConfig.max_failures."""
+    pin_node_types: bool = False
+    """Place rollout actors only on nodes advertising the custom resource `rollout_node` and trainer workers only on
+    `trainer_node` nodes (ray_cluster.yaml, cluster/kuberay-rayjob.yaml); false = any node."""
 
     def __post_init__(self):
         s = "cluster"

@@ -1,0 +1,80 @@
+"""Placement groups and the trainer ScalingConfig on the session Ray cluster (4 logical CPUs)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.placement import rollout_placement_group, scaling_config, torch_config
+from cluster.shape import TRAINER_NODE, ClusterShape
+from slotmem.config import load_config
+from slotmem.errors import InputError
+
+
+def _tiny_shape(repo_root) -> ClusterShape:
+    cfg = load_config(f"{repo_root}/configs/tiny.yaml")
+    return ClusterShape.from_config(cfg.cluster, cfg.trainer)
+
+
+def test_rollout_actors_land_in_their_own_bundles(ray_cluster, repo_root):
+    ray = ray_cluster
+    from ray.util import placement_group_table
+
+    shape = _tiny_shape(repo_root)
+    placement = rollout_placement_group(shape, timeout_s=60)
+    try:
+        table = placement_group_table(placement.pg)
+        assert table["state"] == "CREATED" and table["strategy"] == "PACK"
+        assert list(table["bundles"].values()) == [shape.actor_resources()] * shape.num_rollout_actors
+
+        @ray.remote
+        class Probe:
+            def where(self):
+                ctx = ray.get_runtime_context()
+                return ctx.get_placement_group_id(), ctx.get_assigned_resources()
+
+        actors = [Probe.options(**placement.actor_options(i)).remote() for i in range(shape.num_rollout_actors)]
+        where = ray.get([a.where.remote() for a in actors], timeout=60)
+        for pg_id, assigned in where:
+            assert pg_id == placement.pg.id.hex()
+            assert assigned == {"CPU": shape.cpus_per_actor}
+        # every bundle is taken exactly once: actor i got bundle i
+        assert [o["scheduling_strategy"].placement_group_bundle_index for o in
+                (placement.actor_options(i) for i in range(shape.num_rollout_actors))] == list(
+            range(shape.num_rollout_actors))
+        for a in actors:
+            ray.kill(a)
+        with pytest.raises(InputError, match="outside"):
+            placement.strategy(shape.num_rollout_actors)
+    finally:
+        placement.remove()
+    assert placement_group_table(placement.pg)["state"] == "REMOVED"
+
+
+def test_unplaceable_group_fails_fast_and_is_removed(ray_cluster, repo_root):
+    ray = ray_cluster
+    from ray.util import placement_group_table
+
+    too_big = ClusterShape(num_rollout_actors=3, gpus_per_actor=0, cpus_per_actor=2.0, num_trainer_workers=1,
+                           gpus_per_worker=0, cpus_per_worker=1.0, zero_stage=2)
+    with pytest.raises(InputError, match=r"could not place 3 rollout actor\(s\).*CPU: 4"):
+        rollout_placement_group(too_big, timeout_s=2)
+    # the pending group was removed, so the cluster's CPUs are all available again
+    pending = [pg for pg in placement_group_table().values() if pg["state"] in ("PENDING", "RESCHEDULING")]
+    assert pending == []
+    assert ray.available_resources().get("CPU", 0) > 0
+
+
+def test_scaling_config_matches_the_shape(repo_root):
+    shape = _tiny_shape(repo_root)
+    sc = scaling_config(shape)
+    assert sc.num_workers == shape.num_trainer_workers
+    assert sc.use_gpu is False and sc.placement_strategy == "PACK"
+    assert sc.resources_per_worker == {"CPU": shape.cpus_per_worker}
+    assert torch_config(shape).backend == "gloo"
+
+    gpu = ClusterShape(num_rollout_actors=4, gpus_per_actor=1, cpus_per_actor=4, num_trainer_workers=8,
+                       gpus_per_worker=1, cpus_per_worker=8, zero_stage=3, pin_node_types=True)
+    sc = scaling_config(gpu)
+    assert sc.use_gpu is True and sc.num_workers == 8
+    assert sc.resources_per_worker == {"CPU": 8.0, "GPU": 1.0, TRAINER_NODE: 0.001}
+    assert torch_config(gpu).backend == "nccl"
