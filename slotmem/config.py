@@ -265,6 +265,9 @@ class RolloutConfig:
     """Ray max_restarts of a rollout actor."""
     max_in_flight: int = 2
     """Trajectories queued per actor at once (back-pressure)."""
+    stall_timeout_s: float = 1800.0
+    """Seconds the round driver waits for actors to start, or for the next trajectory to finish, before it gives
+    up on the round (a hung actor); covers an actor restart with a model load."""
 
     def __post_init__(self):
         s = "rollout"
@@ -272,6 +275,7 @@ class RolloutConfig:
             _check_int(s, name, getattr(self, name), lo=1)
         _check_int(s, "seed", self.seed, lo=0)
         _check_int(s, "max_restarts", self.max_restarts, lo=0)
+        _check_float(s, "stall_timeout_s", self.stall_timeout_s, lo=1.0)
         _check_choice(s, "switch_mode", self.switch_mode, ("random_choice", "fixed"))
         _check_sorted_frames(s, "switch_frames", tuple(self.switch_frames), 1, self.num_frames - 1)
         if not self.switch_choices:
@@ -317,6 +321,9 @@ class TrainerConfig:
     """Weight of the slot loss in the generator objective (eq. 6, Table 6)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage (1, 2 or 3)."""
+    zero3_param_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters with fewer elements stay replicated (DeepSpeed's default); 0 partitions every parameter
+    (the tiny preset, whose tensors are all smaller than the default)."""
     checkpoint_every: int = 100
     """Generator steps between checkpoints."""
     num_to_keep: int = 2
@@ -347,6 +354,7 @@ class TrainerConfig:
         _check_int(s, "min_timestep", self.min_timestep, lo=0, hi=999)
         _check_int(s, "max_timestep", self.max_timestep, lo=self.min_timestep + 1, hi=1000)
         _check_choice(s, "zero_stage", self.zero_stage, (1, 2, 3))
+        _check_int(s, "zero3_param_persistence_threshold", self.zero3_param_persistence_threshold, lo=0)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,323 @@
+"""One rollout round: a worker group of rollout actors writes trajectories, the driver commits them.
+
+    plan (driver)  ->  dispatch with back-pressure (actors)  ->  commit_round (driver, manifest last)
+
+The driver decides every trajectory up front (``plan_round``: seed, prompts, switch frame from
+(rollout.seed, round, index)), so the data of a round does not depend on which actor ran what or on
+restarts. ``RolloutActorGroup`` holds one ``RolloutActor`` per bundle of the placement group made by
+cluster/placement.py, with ``max_restarts`` and ``max_task_retries``: an actor that dies is restarted
+by Ray and its queued and in-flight trajectories are retried there; once its restarts are used up,
+the driver hands its trajectories to the other actors. Each actor has at most ``rollout.max_in_flight``
+trajectories queued (back-pressure: the driver holds the rest). Only after every trajectory has
+reported its shard does the driver write the manifest, so a reader never sees a partial round and a
+killed actor costs at most the trajectories it had in flight.
+
+``slotmem rollout --config X [--round K]`` runs ``main``; ``slotmem pipeline`` calls ``run_round``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import ray
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+
+from cluster.placement import RolloutPlacement, rollout_placement_group
+from cluster.runtime import connect
+from cluster.shape import ClusterShape
+from cluster.storage import Storage, resolve_storage
+from model.vae import WAN_TEMPORAL_DOWNSAMPLE
+from rollout.actor import RolloutActor, TrajectorySpec
+from rollout.prompts import load_training_prompts, resolve_switch_frames, sample_switch_frame
+from rollout.shards import commit_round, committed_rounds, hash_config, read_manifest
+from slotmem.config import Config, MemoryConfig, ModelConfig, RolloutConfig
+from slotmem.errors import InputError
+
+# The Wan2.1 VAE decodes F latent frames to stride*(F-1)+1 pixel frames (model/vae.py)
+VAE_TEMPORAL_STRIDE = 2 ** sum(WAN_TEMPORAL_DOWNSAMPLE)
+
+
+def num_pixel_frames(num_latent_frames: int) -> int:
+    return VAE_TEMPORAL_STRIDE * (num_latent_frames - 1) + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# planning (driver only)
+# ----------------------------------------------------------------------------------------------
+
+
+def plan_round(rollout_cfg: RolloutConfig, scripts: list[tuple[str, ...]], round_index: int, *,
+               chunk: int) -> list[TrajectorySpec]:
+    """The round's trajectories; trajectory i depends only on (rollout.seed, round_index, i).
+
+    A prompt pair gets one switch frame from ``rollout.switch_choices`` (sample_switch_frame);
+    a longer script gets the interactive defaults (``rollout.switch_frames``, resolve_switch_frames).
+    """
+    specs = []
+    for i in range(rollout_cfg.trajectories_per_round):
+        rng = np.random.default_rng([rollout_cfg.seed, round_index, i])
+        prompts = tuple(scripts[int(rng.integers(len(scripts)))])
+        if len(prompts) == 1:
+            switches: list[int] = []
+        elif len(prompts) == 2:
+            switches = [sample_switch_frame(rng, rollout_cfg, chunk)]
+        else:
+            switches = resolve_switch_frames(len(prompts), rollout_cfg.num_frames, None,
+                                             default=rollout_cfg.switch_frames, chunk=chunk,
+                                             source="rollout.prompt_file")
+        seed = int(rng.integers(2**63 - 1))
+        specs.append(TrajectorySpec(round_index, i, prompts, tuple(switches), seed))
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------
+# the worker group
+# ----------------------------------------------------------------------------------------------
+
+
+class RolloutActorGroup:
+    """One RolloutActor per placement-group bundle. ``async_*`` methods return ObjectRefs."""
+
+    def __init__(self, placement: RolloutPlacement, storage: Storage, *, model_cfg: ModelConfig,
+                 memory_cfg: MemoryConfig, rollout_cfg: RolloutConfig, init_seed: int, name: str):
+        remote_cls = ray.remote(RolloutActor)
+        self.placement = placement
+        self.actor_ids = [f"a{i}" for i in range(placement.shape.num_rollout_actors)]
+        # Named ("{name}-a{i}") so `ray list actors` shows which round and actor a process serves.
+        # max_task_retries: a trajectory queued on or running in a killed actor reruns after restart.
+        self.actors = [
+            remote_cls.options(name=f"{name}-{actor_id}", max_restarts=rollout_cfg.max_restarts,
+                               max_task_retries=rollout_cfg.max_restarts, **placement.actor_options(i)).remote(
+                actor_id, storage, model_cfg=model_cfg, memory_cfg=memory_cfg, rollout_cfg=rollout_cfg,
+                init_seed=init_seed)
+            for i, actor_id in enumerate(self.actor_ids)]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def async_ready(self) -> list[ray.ObjectRef]:
+        return [a.ready.remote() for a in self.actors]
+
+    def async_generate(self, index: int, spec: TrajectorySpec) -> ray.ObjectRef:
+        return self.actors[index].generate_trajectory.remote(spec)
+
+    def shutdown(self) -> None:
+        """Kill the actors and free their bundles (also on errors: nothing is left running)."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.placement.remove()
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch with back-pressure
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Dispatch:
+    """What came back from the actors, in trajectory order."""
+
+    results: list[dict]
+    pids: dict[str, set[int]]
+    requeued: int
+
+
+def _dispatch(group: RolloutActorGroup, specs: list[TrajectorySpec], rollout_cfg: RolloutConfig,
+              ready: list[dict], *, progress: bool) -> _Dispatch:
+    pending = deque(specs)
+    in_flight: dict[ray.ObjectRef, tuple[int, TrajectorySpec]] = {}
+    queued = [0] * len(group)
+    live = set(range(len(group)))
+    results: dict[int, dict] = {}
+    pids = {info["actor_id"]: {info["pid"]} for info in ready}
+    failures = [0] * len(specs)
+    bar = _bar(len(specs), f"round {specs[0].round_index}", progress)
+    last_done = time.perf_counter()
+    while pending or in_flight:
+        while pending and (free := [i for i in sorted(live) if queued[i] < rollout_cfg.max_in_flight]):
+            index = min(free, key=lambda i: queued[i])  # least loaded first: round-robin at the start
+            spec = pending.popleft()
+            in_flight[group.async_generate(index, spec)] = (index, spec)
+            queued[index] += 1
+        done, _ = ray.wait(list(in_flight), num_returns=1, timeout=10.0)
+        if not done:
+            if time.perf_counter() - last_done > rollout_cfg.stall_timeout_s:
+                stuck = sorted(spec.trajectory_id for _, spec in in_flight.values())
+                raise TimeoutError(f"rollout round {specs[0].round_index}: no trajectory finished for "
+                                   f"{rollout_cfg.stall_timeout_s:g} s (rollout.stall_timeout_s); in flight: {stuck}")
+            continue
+        for ref in done:
+            index, spec = in_flight.pop(ref)
+            queued[index] -= 1
+            actor_id = group.actor_ids[index]
+            try:
+                out = ray.get(ref)
+            except RayActorError as e:
+                # Ray already retried it on the restarted actor; what arrives here has no retries
+                # left on this actor, so another actor runs it (same spec, same content).
+                if isinstance(e, ActorDiedError):
+                    live.discard(index)
+                failures[spec.traj_index] += 1
+                if not live or failures[spec.traj_index] > len(group) * (rollout_cfg.max_restarts + 1):
+                    raise RuntimeError(f"rollout round {spec.round_index}: {spec.trajectory_id} failed "
+                                       f"{failures[spec.traj_index]} time(s), {len(live)} rollout actor(s) alive "
+                                       f"(rollout.max_restarts={rollout_cfg.max_restarts}); last: {e}") from e
+                pending.appendleft(spec)
+                _log(bar, f"[rollout] {spec.trajectory_id}: actor {actor_id} failed ({type(e).__name__}); "
+                          f"requeued on the {len(live)} live actor(s)")
+                continue
+            last_done = time.perf_counter()
+            results[spec.traj_index] = out
+            pids.setdefault(actor_id, set()).add(out["pid"])
+            t = out["timings"]
+            bar.update(1)
+            _log(bar, f"[rollout] round {spec.round_index} {len(results)}/{len(specs)} {spec.trajectory_id} "
+                      f"actor {actor_id} policy v{out['policy_version']}: {t['total_s']:.2f} s "
+                      f"(generate {t['generate_s']:.2f} s, write {t['write_s']:.2f} s) "
+                      f"switch {list(spec.switch_frames)}", progress)
+    bar.close()
+    return _Dispatch([results[s.traj_index] for s in specs], pids, sum(failures))
+
+
+def _bar(total: int, desc: str, progress: bool):
+    from tqdm import tqdm
+
+    # A bar only on a terminal; job logs get the per-trajectory lines instead of \r updates.
+    return tqdm(total=total, desc=desc, unit="traj", disable=not (progress and sys.stderr.isatty()))
+
+
+def _log(bar, line: str, enabled: bool = True) -> None:
+    if enabled:
+        bar.write(line)
+
+
+# ----------------------------------------------------------------------------------------------
+# a round
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundResult:
+    round: int
+    uri: str
+    """Where the round's shards and manifest are."""
+    skipped: bool
+    """True when the round was already committed and nothing ran."""
+    num_trajectories: int
+    num_actors: int = 0
+    latent_frames: int = 0
+    """Latent frames per trajectory."""
+    policy_versions: list[int] = field(default_factory=list)
+    startup_s: float = 0.0
+    """Placement group + actor construction (model build)."""
+    rollout_s: float = 0.0
+    """First dispatch to last trajectory back: the throughput denominator."""
+    commit_s: float = 0.0
+    actor_restarts: int = 0
+    requeued: int = 0
+    """Trajectory attempts lost with their actor after Ray's own retries, then dispatched again."""
+
+    @property
+    def pixel_frames(self) -> int:
+        return num_pixel_frames(self.latent_frames) if self.latent_frames else 0
+
+    def rate(self, count: float) -> float:
+        return count / self.rollout_s if self.rollout_s > 0 else 0.0
+
+    @property
+    def trajectories_per_s(self) -> float:
+        return self.rate(self.num_trajectories)
+
+    @property
+    def latent_frames_per_s(self) -> float:
+        return self.rate(self.num_trajectories * self.latent_frames)
+
+    @property
+    def pixel_frames_per_s(self) -> float:
+        return self.rate(self.num_trajectories * self.pixel_frames)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "pixel_frames": self.pixel_frames, "trajectories_per_s": self.trajectories_per_s,
+                "latent_frames_per_s": self.latent_frames_per_s, "pixel_frames_per_s": self.pixel_frames_per_s}
+
+    def summary(self) -> str:
+        if self.skipped:
+            return (f"round {self.round} already committed at {self.uri} ({self.num_trajectories} trajectories, "
+                    f"policy versions {self.policy_versions}); skipped")
+        return (f"round {self.round}: {self.num_trajectories} trajectories × {self.latent_frames} latent frames "
+                f"({self.pixel_frames} pixel frames) on {self.num_actors} actor(s) in {self.rollout_s:.2f} s: "
+                f"{self.trajectories_per_s:.3f} trajectories/s, {self.pixel_frames_per_s:.1f} pixel frames/s, "
+                f"{self.latent_frames_per_s:.1f} latent frames/s (startup {self.startup_s:.1f} s, commit "
+                f"{self.commit_s:.2f} s, restarts {self.actor_restarts}, requeued {self.requeued}, "
+                f"policy versions {self.policy_versions})")
+
+
+def _wait_ready(group: RolloutActorGroup, rollout_cfg: RolloutConfig) -> list[dict]:
+    """Wait for every actor's model; a failed start is reported by its last error line, not a Ray traceback."""
+    try:
+        return ray.get(group.async_ready(), timeout=rollout_cfg.stall_timeout_s)
+    except GetTimeoutError:
+        raise TimeoutError(f"rollout actors did not start within {rollout_cfg.stall_timeout_s:g} s "
+                           f"(rollout.stall_timeout_s)") from None
+    except RayActorError as e:
+        lines = [line.strip() for line in str(getattr(e, "error_msg", "") or e).splitlines() if line.strip()]
+        cause = lines[-1] if lines else type(e).__name__
+        msg = f"a rollout actor could not start (rollout.max_restarts={rollout_cfg.max_restarts}): {cause}"
+        if cause.startswith(("slotmem.errors.InputError", "slotmem.config.ConfigError")):
+            raise InputError(msg) from None
+        raise RuntimeError(msg) from None
+
+
+def run_round(cfg: Config, round_index: int, *, storage: Storage | None = None, progress: bool = True) -> RoundResult:
+    """Roll out and commit round ``round_index``; a committed round is left as it is (resume)."""
+    storage = storage or resolve_storage(cfg.storage)
+    uri = storage.uri(storage.round_dir(round_index))
+    if round_index in committed_rounds(storage):
+        manifest = read_manifest(storage, round_index)
+        return RoundResult(round=round_index, uri=uri, skipped=True, num_trajectories=manifest["num_rows"],
+                           policy_versions=manifest["policy_versions"])
+    # Bad prompt files and switch choices fail here, before any actor starts.
+    specs = plan_round(cfg.rollout, load_training_prompts(cfg.rollout.prompt_file), round_index,
+                       chunk=cfg.model.num_frame_per_block)
+    connect(cfg.cluster)
+    t0 = time.perf_counter()
+    placement = rollout_placement_group(ClusterShape.from_config(cfg.cluster, cfg.trainer))
+    try:
+        group = RolloutActorGroup(placement, storage, model_cfg=cfg.model, memory_cfg=cfg.memory,
+                                  rollout_cfg=cfg.rollout, init_seed=cfg.trainer.seed,
+                                  name=f"rollout-{cfg.storage.experiment}-r{round_index:04d}-{uuid.uuid4().hex[:6]}")
+    except BaseException:
+        placement.remove()
+        raise
+    try:
+        ready = _wait_ready(group, cfg.rollout)
+        t1 = time.perf_counter()
+        if progress:
+            where = ", ".join(f"{r['actor_id']}@{r['host']}:{r['device']}" for r in ready)
+            print(f"[rollout] round {round_index}: {len(specs)} trajectories on {len(group)} actor(s) ({where}) "
+                  f"-> {uri}", flush=True)
+        sent = _dispatch(group, specs, cfg.rollout, ready, progress=progress)
+        t2 = time.perf_counter()
+    finally:
+        group.shutdown()
+    versions = sorted({r["policy_version"] for r in sent.results})
+    commit_round(storage, round_index, [r["shard"] for r in sent.results], config_hash=hash_config(cfg.to_dict()),
+                 meta={"num_actors": len(group), "rollout_s": round(t2 - t1, 3),
+                       "trajectory_ids": [s.trajectory_id for s in specs]})
+    return RoundResult(round=round_index, uri=uri, skipped=False, num_trajectories=len(specs), num_actors=len(group),
+                       latent_frames=cfg.rollout.num_frames, policy_versions=versions, startup_s=t1 - t0,
+                       rollout_s=t2 - t1, commit_s=time.perf_counter() - t2,
+                       actor_restarts=sum(len(p) - 1 for p in sent.pids.values()), requeued=sent.requeued)
+
+
+def main(args, cfg: Config) -> int:
+    result = run_round(cfg, args.round_index)
+    print(result.summary())
+    if not result.skipped:
+        print(f"committed round {result.round}: {result.uri}")
+    return 0
