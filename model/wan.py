@@ -160,7 +160,9 @@ def gate(y: Tensor, g: Tensor) -> Tensor:
     return (y.unflatten(1, (g.shape[1], -1)) * g[:, :, None]).flatten(1, 2)
 
 
-class SelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """q, k, v, o projections with RMS qk-norm over the full dim (Wan's attention parameters)."""
+
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
@@ -168,6 +170,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
+
+class SelfAttention(_Projections):
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, L, dim] -> q, k (normed, RoPE'd), v, each [B, L, H, D]."""
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
@@ -176,14 +180,7 @@ class SelfAttention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
-
+class CrossAttention(_Projections):
     def text_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """Projected text [B, Lt, dim] -> k (normed), v, each [B, Lt, H, D]."""
         k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))
