@@ -519,6 +519,8 @@ class StageWorker:
                 print(f"[train {stage_name(self.stage)}] {'resuming at' if self.resumed else 'starting at'} step "
                       f"{self.state.step}/{self.total_steps} (rows consumed {self.state.rows_consumed}), "
                       f"{self.world} workers, ZeRO-{self.cfg.trainer.zero_stage}, device {self.device}", flush=True)
+                if self.resumed:  # visible in MLflow: which checkpoint the latest attempt started from
+                    self.tracker.set_tags({"resumed_from_step": self.state.step})
             every = self.cfg.trainer.checkpoint_every * self.cfg.trainer.critic_updates_per_generator
             self._attempt_start = (self.state.step, time.perf_counter())
             for step in range(self.state.step, self.total_steps):
