@@ -18,6 +18,8 @@ builds a tiny VAE with Wan's structure (z_dim = in_channels, strides 4x8x8) from
 
 from __future__ import annotations
 
+import sys
+
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,7 +88,8 @@ class VAE:
         # alone continues exactly where frame i-1 stopped
         feat_cache = [None] * sum(isinstance(m, WanCausalConv3d) for m in decoder.modules())
         frames = range(z.shape[2])
-        for i in tqdm(frames, desc="VAE decode", unit="latent frame", disable=not progress):
+        for i in tqdm(frames, desc="VAE decode", unit="latent frame", disable=not progress,
+                      mininterval=0.1 if sys.stderr.isatty() else 10.0):
             x = self.model.post_quant_conv(z[:, :, i : i + 1])  # 1x1x1 conv: per frame
             out = decoder(x, feat_cache=feat_cache, feat_idx=[0], first_chunk=(i == 0))  # [B, 3, t, H, W]
             yield to_uint8(out.permute(0, 2, 3, 4, 1))  # [B, t, H, W, 3]

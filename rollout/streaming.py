@@ -14,6 +14,7 @@ and the trainer's no-grad prefill + self-roll of a training window.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -213,4 +214,5 @@ def _progress(total: int, enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="chunks", unit="chunk")
+    # In job logs (no tty) a redraw per chunk would flood the log: update every 10 s there.
+    return tqdm(total=total, desc="chunks", unit="chunk", mininterval=0.1 if sys.stderr.isatty() else 10.0)
