@@ -125,8 +125,8 @@ def run_pipeline(cfg: Config) -> dict:
     t0 = time.perf_counter()
     connect(cfg.cluster)
     storage = resolve_storage(cfg.storage)
-    local_out = Path(storage.base) if storage.is_local else Path("runs") / cfg.storage.experiment
-    out_dir = local_out / "samples" if storage.is_local else local_out
+    # The sample video is written locally: next to the shards for a local root, under ./runs for s3 roots.
+    out_dir = Path(storage.base, "samples") if storage.is_local else Path("runs", cfg.storage.experiment)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = PipelineState.load(storage)
     if state.done:
