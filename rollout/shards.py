@@ -419,6 +419,35 @@ def _verify_footer(metadata: pq.FileMetaData, entry: dict[str, Any]) -> str | No
     return None
 
 
+def _checked(storage: Storage, round_index: int, on_corrupt: str, check) -> list:
+    """Run ``check(path, entry) -> (problem | None, value)`` on every file of a round's manifest.
+
+    Returns the values of the files without a problem; a problem file is reported by name and raises or is
+    skipped (``on_corrupt``). A transient storage error is re-raised: an outage must never skip data.
+    """
+    _check_on_corrupt(on_corrupt)
+    rdir = storage.round_dir(round_index)
+    values = []
+    for entry in read_manifest(storage, round_index)["files"]:
+        path = f"{rdir}/{entry['name']}"
+        value = None
+        try:
+            problem, value = check(path, entry)
+        except FileNotFoundError:
+            problem = "listed in the manifest but missing"
+        except (pa.ArrowException, OSError, ValueError) as e:
+            if is_transient(e):
+                raise
+            problem = f"unreadable parquet ({e})"
+        if problem:
+            _corrupt(storage, path, problem, on_corrupt)
+        else:
+            values.append(value)
+    if not values:
+        raise InputError(f"rollout round {round_index}: no readable shard left in {storage.uri(rdir)}")
+    return values
+
+
 def round_files(storage: Storage, round_index: int, on_corrupt: str = "raise", verify: str = "sha256") -> list[str]:
     """Filesystem paths of a committed round's shards, each checked against the manifest.
 
@@ -426,69 +455,40 @@ def round_files(storage: Storage, round_index: int, on_corrupt: str = "raise", v
     (catches any change); verify='footer' compares the size and reads only the footer, which is
     cheap on S3 but misses a byte flipped inside a page; verify='none' trusts the manifest.
     """
-    _check_on_corrupt(on_corrupt)
     if verify not in ("sha256", "footer", "none"):
         raise InputError(f"verify must be 'sha256', 'footer' or 'none', got {verify!r}")
-    rdir = storage.round_dir(round_index)
-    paths = []
-    for entry in read_manifest(storage, round_index)["files"]:
-        path = f"{rdir}/{entry['name']}"
-        problem = None
-        try:
-            if verify == "sha256":
-                data = storage.read_bytes(path)
-                problem = _verify_bytes(data, entry) or _verify_footer(pq.read_metadata(pa.BufferReader(data)), entry)
-            elif verify == "footer":
-                info = storage.info(path)
-                if info.size != entry["num_bytes"]:
-                    problem = f"{info.size} bytes, manifest says {entry['num_bytes']} (truncated or rewritten)"
-                else:
-                    problem = _verify_footer(storage.retry(f"read footer {storage.uri(path)}",
-                                                           lambda: pq.read_metadata(path, filesystem=storage.fs)),
-                                             entry)
-        except FileNotFoundError:
-            problem = "listed in the manifest but missing"
-        except (pa.ArrowException, OSError, ValueError) as e:
-            if is_transient(e):  # storage outage, not a bad file: never skip data because of it
-                raise
-            problem = f"unreadable parquet ({e})"
-        if problem:
-            _corrupt(storage, path, problem, on_corrupt)
-        else:
-            paths.append(path)
-    if not paths:
-        raise InputError(f"rollout round {round_index}: no readable shard left in {storage.uri(rdir)}")
-    return paths
+
+    def check(path: str, entry: dict[str, Any]) -> tuple[str | None, str]:
+        if verify == "sha256":
+            data = storage.read_bytes(path)
+            return _verify_bytes(data, entry) or _verify_footer(pq.read_metadata(pa.BufferReader(data)), entry), path
+        if verify == "footer":
+            info = storage.info(path)
+            if info.size != entry["num_bytes"]:
+                return f"{info.size} bytes, manifest says {entry['num_bytes']} (truncated or rewritten)", path
+            footer = storage.retry(f"read footer {storage.uri(path)}",
+                                   lambda: pq.read_metadata(path, filesystem=storage.fs))
+            return _verify_footer(footer, entry), path
+        return None, path
+
+    return _checked(storage, round_index, on_corrupt, check)
 
 
 def read_round(storage: Storage, round_index: int, columns: Sequence[str] | None = None,
                on_corrupt: str = "raise") -> pa.Table:
     """All rows of a committed round as one Arrow table (in-process; checks every file's sha256)."""
-    _check_on_corrupt(on_corrupt)
-    rdir = storage.round_dir(round_index)
-    tables = []
-    for entry in read_manifest(storage, round_index)["files"]:
-        path = f"{rdir}/{entry['name']}"
-        try:
-            data = storage.read_bytes(path)
-        except FileNotFoundError:
-            _corrupt(storage, path, "listed in the manifest but missing", on_corrupt)
-            continue
+
+    def check(path: str, entry: dict[str, Any]) -> tuple[str | None, pa.Table | None]:
+        data = storage.read_bytes(path)
         problem = _verify_bytes(data, entry)
-        if problem is None:
-            try:
-                table = pq.read_table(pa.BufferReader(data), columns=list(columns) if columns else None)
-                if table.num_rows != entry["num_rows"]:
-                    problem = f"{table.num_rows} rows, manifest says {entry['num_rows']}"
-            except (pa.ArrowException, OSError, ValueError) as e:
-                problem = f"unreadable parquet ({e})"
         if problem:
-            _corrupt(storage, path, problem, on_corrupt)
-        else:
-            tables.append(table)
-    if not tables:
-        raise InputError(f"rollout round {round_index}: no readable shard left in {storage.uri(rdir)}")
-    return pa.concat_tables(tables)
+            return problem, None
+        table = pq.read_table(pa.BufferReader(data), columns=list(columns) if columns else None)
+        if table.num_rows != entry["num_rows"]:
+            return f"{table.num_rows} rows, manifest says {entry['num_rows']}", None
+        return None, table
+
+    return pa.concat_tables(_checked(storage, round_index, on_corrupt, check))
 
 
 def read_round_dataset(storage: Storage, rounds: int | Sequence[int], columns: Sequence[str] | None = None,
