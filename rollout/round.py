@@ -12,12 +12,12 @@ trajectories queued (back-pressure: the driver holds the rest). Only after every
 reported its shard does the driver write the manifest, so a reader never sees a partial round and a
 killed actor costs at most the trajectories it had in flight.
 
-``slotmem rollout --config X [--round K]`` runs ``main``; ``slotmem pipeline`` calls ``run_round``.
+``slotmem rollout --config X [--round K]`` runs ``main``; the pipeline's long-lived fleet (rollout/fleet.py) keeps
+a group and calls ``roll_out_round`` round after round.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 from collections import deque
@@ -81,14 +81,18 @@ def plan_round(rollout_cfg: RolloutConfig, scripts: list[tuple[str, ...]], round
 
 
 class RolloutActorGroup:
-    """One RolloutActor per placement-group bundle. ``async_*`` methods return ObjectRefs."""
+    """One RolloutActor per placement-group bundle. ``async_*`` methods return ObjectRefs.
+
+    ``live`` holds the actors still in service: one whose process died with no restarts left, or that stopped
+    answering (its node is gone and Ray cannot place its restart), leaves it and its work goes to the others.
+    """
 
     def __init__(self, placement: RolloutPlacement, storage: Storage, *, model_cfg: ModelConfig,
                  memory_cfg: MemoryConfig, rollout_cfg: RolloutConfig, init_seed: int, name: str):
         remote_cls = ray.remote(RolloutActor)
         self.placement = placement
         self.actor_ids = [f"a{i}" for i in range(placement.shape.num_rollout_actors)]
-        # Named ("{name}-a{i}") so `ray list actors` shows which round and actor a process serves.
+        # Named ("{name}-a{i}") so `ray list actors` shows which job and actor a process serves.
         # max_task_retries: a trajectory queued on or running in a killed actor reruns after restart.
         self.actors = [
             remote_cls.options(name=f"{name}-{actor_id}", max_restarts=rollout_cfg.max_restarts,
@@ -96,6 +100,8 @@ class RolloutActorGroup:
                 actor_id, storage, model_cfg=model_cfg, memory_cfg=memory_cfg, rollout_cfg=rollout_cfg,
                 init_seed=init_seed)
             for i, actor_id in enumerate(self.actor_ids)]
+        self.live = set(range(len(self.actors)))
+        self.pids: dict[str, set[int]] = {}
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -105,6 +111,11 @@ class RolloutActorGroup:
 
     def async_generate(self, index: int, spec: TrajectorySpec) -> ray.ObjectRef:
         return self.actors[index].generate_trajectory.remote(spec)
+
+    def retire(self, index: int) -> None:
+        """Take an actor out of service (dead, or unreachable past rollout.stall_timeout_s)."""
+        self.live.discard(index)
+        ray.kill(self.actors[index], no_restart=True)
 
     def shutdown(self) -> None:
         """Kill the actors and free their bundles (also on errors: nothing is left running)."""
@@ -123,77 +134,72 @@ class _Dispatch:
     """What came back from the actors, in trajectory order."""
 
     results: list[dict]
-    pids: dict[str, set[int]]
     requeued: int
 
 
-def _dispatch(group: RolloutActorGroup, specs: list[TrajectorySpec], rollout_cfg: RolloutConfig,
-              ready: list[dict], *, progress: bool) -> _Dispatch:
+def dispatch(group: RolloutActorGroup, specs: list[TrajectorySpec], rollout_cfg: RolloutConfig, *,
+             log=None) -> _Dispatch:
+    """Run every spec on the group's live actors, at most rollout.max_in_flight queued per actor.
+
+    A trajectory whose actor dies (no restarts left) or does not answer within rollout.stall_timeout_s is run
+    again elsewhere, with the same spec and so the same content; `log(line)` reports each trajectory.
+    """
     pending = deque(specs)
-    in_flight: dict[ray.ObjectRef, tuple[int, TrajectorySpec]] = {}
+    in_flight: dict[ray.ObjectRef, tuple[int, TrajectorySpec, float]] = {}
     queued = [0] * len(group)
-    live = set(range(len(group)))
     results: dict[int, dict] = {}
-    pids = {info["actor_id"]: {info["pid"]} for info in ready}
     failures = [0] * len(specs)
-    bar = _bar(len(specs), f"round {specs[0].round_index}", progress)
-    last_done = time.perf_counter()
     while pending or in_flight:
-        while pending and (free := [i for i in sorted(live) if queued[i] < rollout_cfg.max_in_flight]):
+        while pending and (free := [i for i in sorted(group.live) if queued[i] < rollout_cfg.max_in_flight]):
             index = min(free, key=lambda i: queued[i])  # least loaded first: round-robin at the start
             spec = pending.popleft()
-            in_flight[group.async_generate(index, spec)] = (index, spec)
+            in_flight[group.async_generate(index, spec)] = (index, spec, time.perf_counter())
             queued[index] += 1
-        done, _ = ray.wait(list(in_flight), num_returns=1, timeout=10.0)
-        if not done:
-            if time.perf_counter() - last_done > rollout_cfg.stall_timeout_s:
-                stuck = sorted(spec.trajectory_id for _, spec in in_flight.values())
-                raise TimeoutError(f"rollout round {specs[0].round_index}: no trajectory finished for "
-                                   f"{rollout_cfg.stall_timeout_s:g} s (rollout.stall_timeout_s); in flight: {stuck}")
-            continue
+        if not group.live:
+            raise RuntimeError(f"rollout round {specs[0].round_index}: no rollout actor is left "
+                               f"(rollout.max_restarts={rollout_cfg.max_restarts})")
+        done, _ = ray.wait(list(in_flight), num_returns=1, timeout=min(10.0, rollout_cfg.stall_timeout_s))
+        now = time.perf_counter()
+        for ref, (index, spec, started) in list(in_flight.items()):
+            if ref not in done and now - started > rollout_cfg.stall_timeout_s:  # its node is gone, say
+                del in_flight[ref]
+                queued[index] -= 1
+                group.retire(index)
+                _requeue(spec, failures, pending, group, rollout_cfg, log,
+                         f"no answer for {rollout_cfg.stall_timeout_s:g} s (rollout.stall_timeout_s)")
         for ref in done:
-            index, spec = in_flight.pop(ref)
+            if ref not in in_flight:
+                continue
+            index, spec, _ = in_flight.pop(ref)
             queued[index] -= 1
-            actor_id = group.actor_ids[index]
             try:
                 out = ray.get(ref)
             except RayActorError as e:
                 # Ray already retried it on the restarted actor; what arrives here has no retries
                 # left on this actor, so another actor runs it (same spec, same content).
                 if isinstance(e, ActorDiedError):
-                    live.discard(index)
-                failures[spec.traj_index] += 1
-                if not live or failures[spec.traj_index] > len(group) * (rollout_cfg.max_restarts + 1):
-                    raise RuntimeError(f"rollout round {spec.round_index}: {spec.trajectory_id} failed "
-                                       f"{failures[spec.traj_index]} time(s), {len(live)} rollout actor(s) alive "
-                                       f"(rollout.max_restarts={rollout_cfg.max_restarts}); last: {e}") from e
-                pending.appendleft(spec)
-                _log(bar, f"[rollout] {spec.trajectory_id}: actor {actor_id} failed ({type(e).__name__}); "
-                          f"requeued on the {len(live)} live actor(s)")
+                    group.live.discard(index)
+                _requeue(spec, failures, pending, group, rollout_cfg, log, f"{type(e).__name__}: {e}")
                 continue
-            last_done = time.perf_counter()
             results[spec.traj_index] = out
-            pids.setdefault(actor_id, set()).add(out["pid"])
-            t = out["timings"]
-            bar.update(1)
-            _log(bar, f"[rollout] round {spec.round_index} {len(results)}/{len(specs)} {spec.trajectory_id} "
-                      f"actor {actor_id} policy v{out['policy_version']}: {t['total_s']:.2f} s "
-                      f"(generate {t['generate_s']:.2f} s, write {t['write_s']:.2f} s) "
-                      f"switch {list(spec.switch_frames)}", progress)
-    bar.close()
-    return _Dispatch([results[s.traj_index] for s in specs], pids, sum(failures))
+            group.pids.setdefault(out["actor_id"], set()).add(out["pid"])
+            if log is not None:
+                t = out["timings"]
+                log(f"[rollout] round {spec.round_index} {len(results)}/{len(specs)} {spec.trajectory_id} actor "
+                    f"{out['actor_id']} policy v{out['policy_version']}: {t['total_s']:.2f} s (generate "
+                    f"{t['generate_s']:.2f} s, write {t['write_s']:.2f} s) switch {list(spec.switch_frames)}")
+    return _Dispatch([results[s.traj_index] for s in specs], sum(failures))
 
 
-def _bar(total: int, desc: str, progress: bool):
-    from tqdm import tqdm
-
-    # A bar only on a terminal; job logs get the per-trajectory lines instead of \r updates.
-    return tqdm(total=total, desc=desc, unit="traj", disable=not (progress and sys.stderr.isatty()))
-
-
-def _log(bar, line: str, enabled: bool = True) -> None:
-    if enabled:
-        bar.write(line)
+def _requeue(spec, failures, pending, group, rollout_cfg, log, why: str) -> None:
+    failures[spec.traj_index] += 1
+    if not group.live or failures[spec.traj_index] > len(group) * (rollout_cfg.max_restarts + 1):
+        raise RuntimeError(f"rollout round {spec.round_index}: {spec.trajectory_id} failed "
+                           f"{failures[spec.traj_index]} time(s), {len(group.live)} rollout actor(s) alive "
+                           f"(rollout.max_restarts={rollout_cfg.max_restarts}); last: {why}")
+    pending.appendleft(spec)
+    if log is not None:
+        log(f"[rollout] {spec.trajectory_id}: {why}; requeued on the {len(group.live)} live actor(s)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,6 +227,8 @@ class RoundResult:
     actor_restarts: int = 0
     requeued: int = 0
     """Trajectory attempts lost with their actor after Ray's own retries, then dispatched again."""
+    busy_s: float = 0.0
+    """Actor-seconds spent on the round's trajectories (for the fleet's idle fraction)."""
 
     @property
     def pixel_frames(self) -> int:
@@ -268,13 +276,55 @@ def _wait_ready(group: RolloutActorGroup, rollout_cfg: RolloutConfig) -> list[di
         lines = [line.strip() for line in str(getattr(e, "error_msg", "") or e).splitlines() if line.strip()]
         cause = lines[-1] if lines else type(e).__name__
         msg = f"a rollout actor could not start (rollout.max_restarts={rollout_cfg.max_restarts}): {cause}"
-        if cause.startswith(("slotmem.errors.InputError", "slotmem.config.ConfigError")):
+        if cause.startswith(("slotmem.errors.InputError", "slotmem.errors.ConfigError")):
             raise InputError(msg) from None
         raise RuntimeError(msg) from None
 
 
+def start_group(cfg: Config, storage: Storage, name: str) -> tuple[RolloutActorGroup, list[dict], float]:
+    """Place and start the rollout actors; returns the group, each actor's identity and the seconds it took."""
+    connect(cfg.cluster)
+    t0 = time.perf_counter()
+    placement = rollout_placement_group(ClusterShape.from_config(cfg.cluster, cfg.trainer))
+    try:
+        group = RolloutActorGroup(placement, storage, model_cfg=cfg.model, memory_cfg=cfg.memory,
+                                  rollout_cfg=cfg.rollout, init_seed=cfg.trainer.seed,
+                                  name=f"rollout-{cfg.experiment}-{name}-{uuid.uuid4().hex[:6]}")
+    except BaseException:
+        placement.remove()
+        raise
+    try:
+        ready = _wait_ready(group, cfg.rollout)
+    except BaseException:
+        group.shutdown()
+        raise
+    group.pids = {info["actor_id"]: {info["pid"]} for info in ready}
+    return group, ready, time.perf_counter() - t0
+
+
+def roll_out_round(group: RolloutActorGroup, cfg: Config, storage: Storage, round_index: int,
+                   specs: list[TrajectorySpec] | None = None, *, log=None) -> RoundResult:
+    """Roll out round `round_index` on a running group and commit it (the manifest last)."""
+    specs = specs or plan_round(cfg.rollout, load_training_prompts(cfg.rollout.prompt_file), round_index,
+                                chunk=cfg.model.num_frame_per_block)
+    restarts_before = sum(len(p) - 1 for p in group.pids.values())
+    t1 = time.perf_counter()
+    sent = dispatch(group, specs, cfg.rollout, log=log)
+    t2 = time.perf_counter()
+    versions = sorted({r["policy_version"] for r in sent.results})
+    commit_round(storage, round_index, [r["shard"] for r in sent.results], config_hash=hash_config(cfg.to_dict()),
+                 meta={"num_actors": len(group.live), "rollout_s": round(t2 - t1, 3),
+                       "trajectory_ids": [s.trajectory_id for s in specs],
+                       "generate_s": round(sum(r["timings"]["generate_s"] for r in sent.results), 3)})
+    return RoundResult(round=round_index, uri=storage.uri(storage.round_dir(round_index)), skipped=False,
+                       num_trajectories=len(specs), num_actors=len(group.live), latent_frames=cfg.rollout.num_frames,
+                       policy_versions=versions, rollout_s=t2 - t1, commit_s=time.perf_counter() - t2,
+                       actor_restarts=sum(len(p) - 1 for p in group.pids.values()) - restarts_before,
+                       requeued=sent.requeued, busy_s=sum(r["timings"]["total_s"] for r in sent.results))
+
+
 def run_round(cfg: Config, round_index: int, *, storage: Storage | None = None, progress: bool = True) -> RoundResult:
-    """Roll out and commit round ``round_index``; a committed round is left as it is (resume)."""
+    """`slotmem rollout`: start actors, roll out and commit one round, stop them (a committed round is skipped)."""
     storage = storage or resolve_storage(cfg.storage)
     uri = storage.uri(storage.round_dir(round_index))
     if round_index in committed_rounds(storage):
@@ -284,38 +334,24 @@ def run_round(cfg: Config, round_index: int, *, storage: Storage | None = None, 
     # Bad prompt files and switch choices fail here, before any actor starts.
     specs = plan_round(cfg.rollout, load_training_prompts(cfg.rollout.prompt_file), round_index,
                        chunk=cfg.model.num_frame_per_block)
-    connect(cfg.cluster)
-    t0 = time.perf_counter()
-    placement = rollout_placement_group(ClusterShape.from_config(cfg.cluster, cfg.trainer))
+    group, ready, startup_s = start_group(cfg, storage, f"r{round_index:04d}")
     try:
-        group = RolloutActorGroup(placement, storage, model_cfg=cfg.model, memory_cfg=cfg.memory,
-                                  rollout_cfg=cfg.rollout, init_seed=cfg.trainer.seed,
-                                  name=f"rollout-{cfg.storage.experiment}-r{round_index:04d}-{uuid.uuid4().hex[:6]}")
-    except BaseException:
-        placement.remove()
-        raise
-    try:
-        ready = _wait_ready(group, cfg.rollout)
-        t1 = time.perf_counter()
         if progress:
             where = ", ".join(f"{r['actor_id']}@{r['host']}:{r['device']}" for r in ready)
             print(f"[rollout] round {round_index}: {len(specs)} trajectories on {len(group)} actor(s) ({where}) "
                   f"-> {uri}", flush=True)
-        sent = _dispatch(group, specs, cfg.rollout, ready, progress=progress)
-        t2 = time.perf_counter()
+        result = roll_out_round(group, cfg, storage, round_index, specs,
+                                log=(lambda line: print(line, flush=True)) if progress else None)
     finally:
         group.shutdown()
-    versions = sorted({r["policy_version"] for r in sent.results})
-    commit_round(storage, round_index, [r["shard"] for r in sent.results], config_hash=hash_config(cfg.to_dict()),
-                 meta={"num_actors": len(group), "rollout_s": round(t2 - t1, 3),
-                       "trajectory_ids": [s.trajectory_id for s in specs]})
-    return RoundResult(round=round_index, uri=uri, skipped=False, num_trajectories=len(specs), num_actors=len(group),
-                       latent_frames=cfg.rollout.num_frames, policy_versions=versions, startup_s=t1 - t0,
-                       rollout_s=t2 - t1, commit_s=time.perf_counter() - t2,
-                       actor_restarts=sum(len(p) - 1 for p in sent.pids.values()), requeued=sent.requeued)
+    result.startup_s = startup_s
+    return result
 
 
 def main(args, cfg: Config) -> int:
+    from slotmem.config import check_weights
+
+    check_weights(cfg, "rollout")
     result = run_round(cfg, args.round_index)
     print(result.summary())
     if not result.skipped:

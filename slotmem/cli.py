@@ -62,16 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round", type=int, default=0, dest="round_index")
     p.set_defaults(func=_lazy("rollout.round", "main"))
 
-    p = sub.add_parser("train", help="run one training stage as a Ray Train + DeepSpeed job")
+    p = sub.add_parser("train", help="run one training stage as a Ray Train + DeepSpeed job on the committed rollouts")
     _add_config_args(p)
-    p.add_argument("--stage", type=int, choices=(1, 2), required=True)
-    p.add_argument("--round", type=int, default=None, dest="round_index",
-                   help="rollout round to train on (default: newest committed)")
-    p.set_defaults(func=_lazy("trainer.job", "main"))
+    p.add_argument("--stage", type=int, choices=(0, 1, 2), required=True,
+                   help="0 slot warm-up, 1 Stage I (grouper frozen), 2 Stage II (L_rec on)")
+    p.set_defaults(func=_lazy("trainer.driver", "main"))
 
-    p = sub.add_parser("pipeline", help="the main job: rollout -> Stage I -> rollout -> Stage II -> sample video")
+    p = sub.add_parser("pipeline", help="the main job: a rollout fleet feeding Stage 0 -> I -> II, then a sample")
     _add_config_args(p)
-    p.set_defaults(func=_lazy("cluster.pipeline", "main"))
+    p.set_defaults(func=_lazy("loop.pipeline", "main"))
 
     p = sub.add_parser("submit", help="submit a slotmem command to a Ray cluster (Ray Jobs API)")
     _add_config_args(p)

@@ -3,3 +3,7 @@
 
 class InputError(ValueError):
     """Bad input (prompt file, switch frames, checkpoint, shard, cluster shape); the message names it."""
+
+
+class ConfigError(InputError):
+    """A config value, key or file is invalid; the message names it."""
