@@ -1,7 +1,7 @@
 """Per-layer self-attention KV cache: a frame sink plus a rolling local window (LongLive layout).
 
 A chunk of F frames starting at absolute frame s attends to (anchors-video §2.3, DESIGN §2):
-  * the sink: frames [0, sink_size), never evicted;
+  * the sink: ``sink_size`` frames never evicted (frames [0, sink_size) until a prompt switch rebuilds it);
   * the most recent min(local_attn_size - sink_size - F, capacity) committed frames after the sink;
   * its own F frames (passed in by the caller, not stored here).
 That is local_attn_size frames in all, sink included. Capacity of the rolling part is
@@ -12,11 +12,12 @@ it is called by the clean re-run of a finished chunk; noisy denoising steps read
 attend to their own K/V transiently, never changing it. Stored tensors are detached: no gradient
 flows across chunks through the cache (Self-Forcing).
 
-Committed frames are always the sink [0, sink_frames) plus the contiguous run
-[end_frame - local_frames, end_frame). A commit must start at end_frame, except right after
-``drop_local`` (local window empty, sink full), when it may start later: the prompt-switch recache
-re-commits the recent clean frames under the new prompt chunk by chunk. The gap is allowed for
-the first commit after drop_local() only.
+Committed frames are always the sink [sink_start, sink_start + sink_frames) plus the contiguous run
+[end_frame - local_frames, end_frame). A commit must start at end_frame, except right after a prompt-switch
+``drop_local`` (sink kept, LongLive global_sink=true) or ``drop_all`` (the sink is rebuilt from the first
+recached frames, global_sink=false): the recache then re-commits the recent clean frames under the new prompt,
+in one call of up to local_attn_size frames (LongLive's single recache) or chunk by chunk. While the sink is
+not full the first frames of a commit fill it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch
 from torch import Tensor
 
 from slotmem.errors import InputError
+
+Span = tuple[int, int]  # [start, stop) of absolute latent frames
 
 
 class LayerKVCache:
@@ -45,10 +48,11 @@ class LayerKVCache:
         self.sink_v = torch.zeros_like(self.sink_k)
         self.local_k = torch.zeros(batch_size, self.capacity * T, num_heads, head_dim, dtype=dtype, device=device)
         self.local_v = torch.zeros_like(self.local_k)
+        self.sink_start = 0
         self.sink_frames = 0
         self.local_frames = 0
         self.end_frame = 0
-        self._gap_allowed = False  # set by drop_local() for the recache's first commit
+        self._gap_allowed = False  # set by drop_local() / drop_all() for the recache's first commit
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -57,66 +61,84 @@ class LayerKVCache:
         """First absolute frame of the rolling window."""
         return self.end_frame - self.local_frames
 
+    @property
+    def sink_span(self) -> Span:
+        return self.sink_start, self.sink_start + self.sink_frames
+
     def committed_frames(self) -> list[int]:
         """Absolute indices of the frames held (sink, then rolling window)."""
-        return list(range(self.sink_frames)) + list(range(self.local_start, self.end_frame))
+        return list(range(*self.sink_span)) + list(range(self.local_start, self.end_frame))
+
+    def visible_spans(self, num_frames: int) -> list[Span]:
+        """Committed frames a call of num_frames at end_frame attends: the sink and the recent window."""
+        recent = self._recent(num_frames)
+        return [span for span in (self.sink_span, (self.end_frame - recent, self.end_frame)) if span[1] > span[0]]
 
     def reset(self) -> None:
         """Forget everything (new video)."""
-        self.sink_frames = self.local_frames = self.end_frame = 0
+        self.sink_start = self.sink_frames = self.local_frames = self.end_frame = 0
         self._gap_allowed = False
 
     def drop_local(self) -> None:
-        """Keep the sink, drop the rolling frames (prompt-switch recache re-commits them)."""
+        """Keep the sink, drop the rolling frames (a prompt-switch recache re-commits them)."""
         self.local_frames = 0
-        self.end_frame = self.sink_frames
+        self.end_frame = self.sink_span[1]
+        self._gap_allowed = True
+
+    def drop_all(self) -> None:
+        """Drop sink and rolling frames: the recache's first frames become the new sink (LongLive global_sink=false)."""
+        self.sink_start = self.sink_frames = self.local_frames = self.end_frame = 0
         self._gap_allowed = True
 
     # -- reads ------------------------------------------------------------------------------
 
+    def max_call_frames(self) -> int:
+        """Frames one call may hold: a chunk's worth normally, a whole window for the recache after a drop."""
+        return self.local_attn_size if self._gap_allowed else self.local_attn_size - self.sink_size
+
     def check_call(self, start_frame: int, num_frames: int, *, commit: bool) -> None:
         """Raise InputError unless a call over [start_frame, start_frame + num_frames) fits."""
-        if num_frames > self.local_attn_size - self.sink_size:
-            raise InputError(f"a cached call takes at most model.local_attn_size - model.sink_size = "
-                             f"{self.local_attn_size - self.sink_size} frames, got {num_frames}")
+        if num_frames > self.max_call_frames():
+            raise InputError(f"a cached call takes at most {self.max_call_frames()} frames (model.local_attn_size - "
+                             f"model.sink_size, or model.local_attn_size for a recache), got {num_frames}")
         if start_frame < self.end_frame:
             raise InputError(f"frames [{start_frame}, {start_frame + num_frames}) overlap the committed frames "
                              f"(cache ends at frame {self.end_frame}); reset() the cache to start over")
-        if commit and start_frame != self.end_frame:
-            if not (self._gap_allowed and self.sink_frames == self.sink_size):
-                raise InputError(f"commit of frames starting at {start_frame} must continue the committed "
-                                 f"frames at {self.end_frame} (a gap is allowed only after drop_local())")
+        if commit and start_frame != self.end_frame and not self._gap_allowed:
+            raise InputError(f"commit of frames starting at {start_frame} must continue the committed "
+                             f"frames at {self.end_frame} (a gap is allowed only after drop_local() / drop_all())")
+
+    def _recent(self, num_frames: int) -> int:
+        return min(self.local_frames, max(0, self.local_attn_size - self.sink_size - num_frames))
 
     def window(self, num_frames: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(sink_k, sink_v, local_k, local_v) attended by a call of num_frames frames (views)."""
         T = self.tokens_per_frame
-        recent = min(self.local_frames, max(0, self.local_attn_size - self.sink_size - num_frames))
-        lo, hi = (self.local_frames - recent) * T, self.local_frames * T
+        lo, hi = (self.local_frames - self._recent(num_frames)) * T, self.local_frames * T
         sink = self.sink_frames * T
         return self.sink_k[:, :sink], self.sink_v[:, :sink], self.local_k[:, lo:hi], self.local_v[:, lo:hi]
 
     def read(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
         """Copies of the committed K/V of frames [start, stop): [B, n*T, H, D] each, bit-identical."""
-        held = set(self.committed_frames())
+        held = self.committed_frames()
         if stop <= start or any(f not in held for f in range(start, stop)):
-            raise InputError(f"frames [{start}, {stop}) are not all in the cache "
-                             f"(held: sink [0, {self.sink_frames}), window [{self.local_start}, {self.end_frame}))")
+            raise InputError(f"frames [{start}, {stop}) are not all in the cache (held: sink {list(self.sink_span)}, "
+                             f"window [{self.local_start}, {self.end_frame}))")
         T = self.tokens_per_frame
         ks, vs = [], []
-        if start < self.sink_frames:
-            hi = min(stop, self.sink_frames)
-            ks.append(self.sink_k[:, start * T:hi * T])
-            vs.append(self.sink_v[:, start * T:hi * T])
-        if stop > self.local_start and self.local_frames:
-            lo, hi = max(start, self.local_start) - self.local_start, stop - self.local_start
-            ks.append(self.local_k[:, lo * T:hi * T])
-            vs.append(self.local_v[:, lo * T:hi * T])
+        for f in range(start, stop):  # frame by frame: the two buffers are not contiguous in time
+            if self.sink_span[0] <= f < self.sink_span[1]:
+                i, k_buf, v_buf = f - self.sink_start, self.sink_k, self.sink_v
+            else:
+                i, k_buf, v_buf = f - self.local_start, self.local_k, self.local_v
+            ks.append(k_buf[:, i * T:(i + 1) * T])
+            vs.append(v_buf[:, i * T:(i + 1) * T])
         return torch.cat(ks, dim=1).clone(), torch.cat(vs, dim=1).clone()
 
     # -- the one write ----------------------------------------------------------------------
 
     def commit(self, k: Tensor, v: Tensor, start_frame: int) -> None:
-        """Store a chunk's post-RoPE keys and values [B, F*T, H, D]; evict the oldest rolling frames."""
+        """Store a call's post-RoPE keys and values [B, F*T, H, D]; evict the oldest rolling frames."""
         T = self.tokens_per_frame
         if k.shape != v.shape or k.shape[0] != self.batch_size or k.shape[1] % T or k.shape[2:] != self.sink_k.shape[2:]:
             raise InputError(f"commit expects K/V [B={self.batch_size}, F*{T}, {self.sink_k.shape[2]}, "
@@ -125,10 +147,12 @@ class LayerKVCache:
         self.check_call(start_frame, num_frames, commit=True)
         k, v = k.detach(), v.detach()
         self._gap_allowed = False
-        self.end_frame = start_frame  # differs from end_frame only for the recache gap after drop_local()
+        if self.sink_frames == 0:
+            self.sink_start = start_frame
+        self.end_frame = start_frame  # differs from end_frame only for the recache gap after a drop
 
-        # frames below sink_size fill the sink (only while it is filling, so start == sink_frames)
-        to_sink = max(0, min(num_frames, self.sink_size - start_frame))
+        # the first frames fill the sink while it is not full (the first chunk, or a rebuilt sink)
+        to_sink = min(num_frames, self.sink_size - self.sink_frames)
         if to_sink:
             lo = self.sink_frames * T
             self.sink_k[:, lo:lo + to_sink * T] = k[:, :to_sink * T]

@@ -6,10 +6,19 @@ Per chunk of ``num_frame_per_block`` latent frames:
     chunk's K/V to the cache) -> memory write (from the clean re-run's states only)
 
 At a prompt switch (the first chunk whose start frame is >= the switch frame, as in LongLive) the
-cross-attention cache is reset (new TextContext), the recent clean frames are re-committed under the
-new prompt while the sink is kept (LongLive recache, global_sink=True), and the bank is re-scored
-with the new prompt (§3.4). ``StreamState`` is shared by inference (``generate``), rollout actors
-and the trainer's no-grad prefill + self-roll of a training window.
+cross-attention cache is reset (new TextContext), the bank is re-scored with the new prompt (§3.4), and the
+recent clean frames are re-committed under the new prompt (LongLive's KV recache, anchors-video §2.7):
+
+    model.recache = single   one call over the recached frames, which attend to each other bidirectionally (and
+                             to the kept sink), as LongLive / MemFlow's recache does;
+    model.recache = causal   chunk by chunk, each chunk attending the frames re-committed before it;
+    model.global_sink        true keeps the sink of the first prompt and recaches the last
+                             local_attn_size - sink_size frames; false drops it and recaches the last local_attn_size
+                             frames, the first sink_size of which become the new sink.
+
+The recache reads the memory bank like every other call. Memory items whose frames the call already attends (the
+sink, the recent window, its own frames) are not retrieved again. ``StreamState`` is shared by inference
+(``generate``), rollout actors and the trainer's no-grad prefill + self-roll of a training window.
 """
 
 from __future__ import annotations
@@ -93,20 +102,39 @@ class StreamState:
         self.prompt_index = index
 
     def switch_prompt(self, index: int, history: Tensor) -> None:
-        """Reset cross-attention, recache recent clean frames under the new prompt, re-score memory.
+        """Reset cross-attention, re-score memory, recache recent clean frames under the new prompt.
 
         history: [B, F_done, C, h, w] clean latents of every frame committed so far.
         """
         cfg = self.model_cfg
         self._set_prompt(index)
         start = self.next_frame
-        lo = max(cfg.sink_size, start - cfg.local_attn_size)
-        for layer_cache in self.cache:
-            layer_cache.drop_local()  # the sink (first prompt's frames) is kept
-        with torch.no_grad():
-            for f in range(lo, start, cfg.num_frame_per_block):
-                self._run_clean(history[:, f : f + cfg.num_frame_per_block], f, write_memory=False)
+        if cfg.global_sink:
+            for layer_cache in self.cache:
+                layer_cache.drop_local()  # the sink (first prompt's frames) is kept
+            sink_end = self.cache[0].sink_span[1]
+            window = cfg.local_attn_size if cfg.recache == "causal" else cfg.local_attn_size - cfg.sink_size
+            lo = max(sink_end, start - window)
+        else:
+            for layer_cache in self.cache:
+                layer_cache.drop_all()  # the first recached frames become the sink
+            lo = max(0, start - cfg.local_attn_size)
+        if lo < start:
+            spans = [(lo, start)] if cfg.recache == "single" else [
+                (f, min(f + cfg.num_frame_per_block, start)) for f in range(lo, start, cfg.num_frame_per_block)]
+            with torch.no_grad():
+                for a, b in spans:
+                    memory_kv = self.read_memory(a, b - a)
+                    self._run_clean(history[:, a:b], a, write_memory=False, memory_kv=memory_kv)
         self.events.append(StreamEvent("switch", start, index, (lo, start)))
+
+    def read_memory(self, start: int | None = None, num_frames: int | None = None):
+        """memory.read() for a call over [start, start + num_frames) (default: the next chunk), without the items
+        whose frames that call already attends (sink, recent window, its own frames)."""
+        start = self.next_frame if start is None else start
+        num_frames = self.model_cfg.num_frame_per_block if num_frames is None else num_frames
+        seen = [*self.cache[0].visible_spans(num_frames), (start, start + num_frames)]
+        return self.memory.read(exclude_frames=seen)
 
     # -- chunks -------------------------------------------------------------------------------
 
@@ -194,7 +222,7 @@ def generate(model, memory, scheduler, model_cfg: ModelConfig, prompts: Prompts,
             t0 = time.perf_counter()
             if start in switch_starts:
                 state.switch_prompt(switch_starts.index(start) + 1, out[:, :start])
-            memory_kv = memory.read()
+            memory_kv = state.read_memory()
             noise = torch.randn(shape, generator=gen, device=device, dtype=dtype)
             x0 = state.denoise(noise, memory_kv=memory_kv, generator=gen)
             state.commit(x0, memory_kv=memory_kv)
