@@ -141,16 +141,26 @@ class SlotBank:
     # read
     # ------------------------------------------------------------------------------------------
 
-    def retrieve(self, query: SlotQuery, top_k: int) -> Retrieval:
-        """Top-k items per row by fused relevance; K/V flattened to (Y, B, k*R, H, D).
+    def retrieve(self, query: SlotQuery, top_k: int, eligible: torch.Tensor | None = None) -> Retrieval | None:
+        """Top-k items per row by fused relevance; K/V flattened to (Y, B, k*R, H, D); None if nothing is eligible.
+
+        eligible (Y, B, size) bool: items that may be read (the others, e.g. copies of tokens the call already
+        attends, are skipped). Every row reads the same number of items, the smallest eligible count of any row
+        capped at top_k, so the K/V stay one dense tensor.
 
         When the query carries gradient (training), the values are multiplied by a straight-through
         gate 1 + r - sg(r): exactly 1 in the forward pass (the values stay bit-identical) while the
         generator loss reaches r and through it the text projection P, which no slot loss touches.
         """
         rel = self.scores(query).score  # (Y, B, size)
+        ranked = rel.detach()
         k = min(top_k, self.size)
-        best = rel.detach().topk(k, dim=-1).indices  # (Y, B, k), best first
+        if eligible is not None:
+            ranked = ranked.masked_fill(~eligible, float("-inf"))
+            k = min(k, int(eligible.sum(-1).min()))
+        if k == 0:
+            return None
+        best = ranked.topk(k, dim=-1).indices  # (Y, B, k), best first
         Y, B = best.shape[:2]
         ly = torch.arange(Y, device=best.device).view(Y, 1, 1)
         lb = torch.arange(B, device=best.device).view(1, B, 1)
@@ -163,6 +173,14 @@ class SlotBank:
         keys = keys.flatten(2, 3)  # (Y, B, k*R, H, D)
         values = values.flatten(2, 3)  # (Y, B, k*R, H, D)
         return Retrieval(keys=keys, values=values, position=best, score=picked.detach())
+
+    def outside(self, spans) -> torch.Tensor:
+        """(Y, B, size) bool: items whose frames overlap none of the [start, stop) spans."""
+        start, stop = self.items("frame_start"), self.items("frame_end")
+        keep = torch.ones_like(start, dtype=torch.bool)
+        for a, b in spans:
+            keep &= (stop <= a) | (start >= b)
+        return keep
 
     def gather(self, name: str, position: torch.Tensor) -> torch.Tensor:
         """Field `name` at bank positions (Y, B, k) -> (Y, B, k, ...)."""

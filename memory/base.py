@@ -5,7 +5,7 @@ The pipeline drives one memory object per trajectory:
     reset(B)
     set_prompt(pooled_text, prompt_index, text_keys)         # and again at every prompt switch
     for each chunk c:
-        memory_kv = read()                                    # before denoising chunk c
+        memory_kv = read(exclude_frames)                      # before denoising chunk c
         ... denoise chunk c, then the clean re-run at context_noise ...
         write(states, chunk_index=c, start_frame=..., num_frames=...)
 
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from memory.inspector import MemoryInspector
+from memory.losses import SlotLoss
 from slotmem.config import ConfigError, MemoryConfig
 from slotmem.errors import InputError
 
@@ -134,11 +135,15 @@ class StreamingMemory(nn.Module):
         self._leave_inference_mode()
         self._on_prompt()
 
-    def read(self) -> list[KV] | None:
-        """Per-layer (K, V) (B, M, H, D) to insert between sink and local keys, or None."""
+    def read(self, exclude_frames: Sequence[tuple[int, int]] = ()) -> list[KV] | None:
+        """Per-layer (K, V) (B, M, H, D) to insert between sink and local keys, or None.
+
+        exclude_frames: [start, stop) spans of latent frames the call already attends (its sink, recent window and
+        own frames); memories that store copies of cached tokens skip items of those frames.
+        """
         self._require_reset("read")
         self._leave_inference_mode()
-        return self._read()
+        return self._read(tuple((int(a), int(b)) for a, b in exclude_frames))
 
     def write(self, states: Sequence[LayerStateLike], *, chunk_index: int, start_frame: int, num_frames: int) -> None:
         """Feed the clean re-run of chunk `chunk_index`; items enter the bank every record_interval chunks."""
@@ -160,11 +165,12 @@ class StreamingMemory(nn.Module):
         self.last_chunk = chunk_index
         self._last_retrieved = []
 
-    def slot_loss(self, stage: int) -> torch.Tensor:
-        """L_slot (eq. 7) over the writes since the last call; zero for memories without slots."""
-        if stage not in (1, 2):
-            raise InputError(f"memory.slot_loss: stage must be 1 or 2, got {stage!r}")
-        return self._slot_loss(stage)
+    def slot_loss(self, stage: int, *, feature_weight: float = 1.0) -> SlotLoss:
+        """The slot objective of `stage` over the writes since the last call (memory/losses.py): Stage 0 warm-up
+        (L_con + feature_weight * L_feat), L_slot of eq. 7 in Stages I/II; zero for memories without slots."""
+        if stage not in (0, 1, 2):
+            raise InputError(f"memory.slot_loss: stage must be 0, 1 or 2, got {stage!r}")
+        return self._slot_loss(stage, feature_weight)
 
     def freeze_slot_grouper(self, flag: bool) -> None:
         """Freeze slot attention, initialiser and dynamics predictor (Stage I); no-op without slots."""
@@ -187,14 +193,14 @@ class StreamingMemory(nn.Module):
     def _on_prompt(self) -> None:
         pass
 
-    def _read(self) -> list[KV] | None:
+    def _read(self, exclude_frames: tuple[tuple[int, int], ...]) -> list[KV] | None:
         raise NotImplementedError
 
     def _write(self, states: list[LayerStateLike], info: ChunkInfo) -> None:
         raise NotImplementedError
 
-    def _slot_loss(self, stage: int) -> torch.Tensor:
-        return torch.zeros(())
+    def _slot_loss(self, stage: int, feature_weight: float) -> SlotLoss:
+        return SlotLoss(torch.zeros(()), {}, {})
 
     def _state_tensors(self) -> list[str]:
         """Attributes holding tensors (or dicts/lists of them) that persist between calls."""

@@ -37,7 +37,7 @@ class NoMemory(StreamingMemory):
 
     kind = "none"
 
-    def _read(self) -> list[KV] | None:
+    def _read(self, exclude_frames) -> list[KV] | None:
         return None
 
     def _write(self, states: list[LayerStateLike], info: ChunkInfo) -> None:
@@ -113,7 +113,9 @@ class FrameBankMemory(StreamingMemory):
                             "evicted": self._evicted, "items": self._item_records(info.chunk_index)})
         self._evicted = []
 
-    def _read(self) -> list[KV] | None:
+    def _read(self, exclude_frames) -> list[KV] | None:
+        # MemFlow reads its bank whatever the local window holds (its bank frames may repeat cached ones);
+        # exclude_frames is ignored to keep the baseline faithful.
         self._commit_pending()
         if self.size == 0:
             return None

@@ -1,4 +1,4 @@
-"""Slot regularisation (SlotMemory §3.5, eqs. 7-10).
+"""Slot regularisation (SlotMemory §3.5, eqs. 7-10) and the Stage 0 slot warm-up objective.
 
 L_slot = L_con + 1[stage 2] * alpha * L_rec                                           (eq. 7)
 L_con: InfoNCE between the l2-normalised slots of consecutive chunks, the N = B*S slots of chunk
@@ -6,6 +6,15 @@ L_con: InfoNCE between the l2-normalised slots of consecutive chunks, the N = B*
 L_rec: every token is reconstructed by its hard top-1 slot (straight-through, so the gradient
        reaches the soft assignment), masked to confident tokens max_s A > threshold (eq. 9), scored
        by 1 - cos against the stop-gradient adapted features (eq. 10).
+
+Stage 0 (our slot warm-up, before Stage I freezes the grouper; SlotContrast / DINOSAUR style):
+L_0 = L_con + w * L_feat, where a small decoder maps every slot back to the adapted-feature space and each token
+is reconstructed by the mixture of its slots' decodings weighted by the slot-attention assignment itself,
+x^_t = sum_s A[s, t] dec(u_s), scored by 1 - cos against the stop-gradient, layer-normalised adapted feature. A
+token is reconstructed well only when A routes it to slots that decode to it, so the objective sharpens A from
+the uniform 1/S of an untrained grouper towards one slot per region; that is what lets eq. 9's confidence mask
+(max_s A > 0.5) pass tokens when Stage II switches L_rec on. L_con keeps the slots distinct (its negatives are
+the other slots) and stable across chunks.
 
 Every function accepts optional leading dimensions (the layers): the loss is computed per leading
 index exactly as the paper writes it and then averaged.
@@ -47,6 +56,39 @@ def reconstruction_loss(adapted: torch.Tensor, slots: torch.Tensor, assign: torc
     return per_group.mean()
 
 
+def feature_loss(adapted: torch.Tensor, slots: torch.Tensor, assign: torch.Tensor,
+                 decoder: torch.nn.Module) -> torch.Tensor:
+    """Stage 0's L_feat (module docstring): adapted X~ (..., B, L, d), slots (..., B, S, d), A (..., B, S, L)."""
+    decoded = decoder(slots)  # (..., B, S, d)
+    recon = torch.einsum("...sl,...sd->...ld", assign, decoded)  # (..., B, L, d)
+    target = F.layer_norm(adapted.detach(), adapted.shape[-1:])  # scale-free, so phi cannot shrink it away
+    return (1.0 - F.cosine_similarity(recon, target, dim=-1)).mean()
+
+
+@torch.no_grad()
+def slot_health(slots: torch.Tensor, assign: torch.Tensor, confidence: float) -> dict[str, float]:
+    """Collapse diagnostics of one grouping: slots (..., S, d), assign (..., S, L).
+
+    cosine         mean off-diagonal cosine between the slots of a chunk (1 = collapsed, all slots alike);
+    mask_coverage  share of tokens whose largest assignment passes eq. 9's confidence mask;
+    norm           mean slot norm (grows without bound when slots drift through the dynamics predictor).
+    """
+    S = slots.shape[-2]
+    cos = F.normalize(slots.float(), dim=-1) @ F.normalize(slots.float(), dim=-1).transpose(-1, -2)  # (..., S, S)
+    off = (cos.sum((-1, -2)) - cos.diagonal(dim1=-2, dim2=-1).sum(-1)) / max(S * (S - 1), 1)
+    return {"cosine": float(off.mean()), "mask_coverage": float((assign.amax(dim=-2) > confidence).float().mean()),
+            "norm": float(slots.float().norm(dim=-1).mean())}
+
+
+@dataclass
+class SlotLoss:
+    """The slot objective of one window for the backward pass, with its parts and health for logging."""
+
+    total: torch.Tensor
+    parts: dict[str, float]  # slot_con, slot_rec, slot_feat (those computed)
+    health: dict[str, float]  # cosine, mask_coverage, norm (means over the window's groupings)
+
+
 @dataclass
 class _Term:
     prev_slots: torch.Tensor | None  # (Y, B, S, d) U^{c-1}, None for the first chunk after a reset
@@ -71,16 +113,31 @@ class SlotLossAccumulator:
     def clear(self) -> None:
         self.terms = []
 
-    def compute(self, stage: int) -> torch.Tensor:
-        """Eq. 7 averaged over the collected passes (L_con over those with a predecessor); clears them."""
+    def compute(self, stage: int, *, decoder: torch.nn.Module | None = None, feature_weight: float = 1.0) -> SlotLoss:
+        """The objective of `stage` over the collected passes (L_con over those with a predecessor); clears them.
+
+        stage 0: L_con + feature_weight * L_feat (needs the decoder); 1: L_con (eq. 7); 2: L_con + alpha L_rec.
+        L_rec is reported in every stage (eq. 10 is cheap), so its bootstrap is visible before Stage II uses it.
+        """
         terms, self.terms = self.terms, []
         if not terms:
-            return torch.zeros(())
+            return SlotLoss(torch.zeros(()), {}, {})
+        zero = terms[0].grouping.slots.new_zeros(())
         con = [contrastive_loss(t.prev_slots, t.grouping.slots, self.temperature)
                for t in terms if t.prev_slots is not None]
-        loss = torch.stack(con).mean() if con else terms[0].grouping.slots.new_zeros(())
-        if stage == 2:
-            rec = [reconstruction_loss(t.grouping.adapted, t.grouping.slots, t.grouping.assign,
-                                       confidence=self.rec_confidence) for t in terms]
-            loss = loss + self.rec_weight * torch.stack(rec).mean()
-        return loss
+        con_loss = torch.stack(con).mean() if con else zero
+        with torch.set_grad_enabled(torch.is_grad_enabled() and stage == 2):  # elsewhere only reported
+            rec_loss = torch.stack([reconstruction_loss(t.grouping.adapted, t.grouping.slots, t.grouping.assign,
+                                                        confidence=self.rec_confidence) for t in terms]).mean()
+        loss, parts = con_loss, {"slot_con": float(con_loss.detach()), "slot_rec": float(rec_loss.detach())}
+        if stage == 0:
+            if decoder is None:
+                raise ValueError("the Stage 0 objective needs the feature decoder")
+            feat = torch.stack([feature_loss(t.grouping.adapted, t.grouping.slots, t.grouping.assign, decoder)
+                                for t in terms]).mean()
+            loss = loss + feature_weight * feat
+            parts["slot_feat"] = float(feat.detach())
+        elif stage == 2:
+            loss = loss + self.rec_weight * rec_loss
+        health = [slot_health(t.grouping.slots, t.grouping.assign, self.rec_confidence) for t in terms]
+        return SlotLoss(loss, parts, {k: sum(h[k] for h in health) / len(health) for k in health[0]})

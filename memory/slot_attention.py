@@ -96,13 +96,19 @@ class SlotInitializer(nn.Module):
 
 
 class SlotDynamics(nn.Module):
-    """Predicts the next chunk's initial slots from the previous chunk's slots (pre-norm transformer layer)."""
+    """Predicts the next chunk's initial slots from the previous chunk's slots (pre-norm transformer layer).
+
+    The self-attention is written with plain Linear layers rather than ``nn.MultiheadAttention``, which reads its
+    weights functionally: under DeepSpeed ZeRO-3 that forces it to be a "leaf" module, whose gradients are then
+    reduced once per call, i.e. once per chunk of a window, which ZeRO-3 refuses.
+    """
 
     def __init__(self, slot_dim: int):
         super().__init__()
-        heads = next(h for h in (DYNAMICS_HEADS, 2, 1) if slot_dim % h == 0)
+        self.num_heads = next(h for h in (DYNAMICS_HEADS, 2, 1) if slot_dim % h == 0)
         self.norm_attn = nn.LayerNorm(slot_dim)
-        self.attn = nn.MultiheadAttention(slot_dim, heads, batch_first=True)
+        self.qkv = nn.Linear(slot_dim, 3 * slot_dim)
+        self.out = nn.Linear(slot_dim, slot_dim)
         self.norm_ffn = nn.LayerNorm(slot_dim)
         self.ffn = nn.Sequential(
             nn.Linear(slot_dim, DYNAMICS_FFN_RATIO * slot_dim), nn.GELU(),
@@ -111,19 +117,22 @@ class SlotDynamics(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        self.attn._reset_parameters()
+        nn.init.xavier_uniform_(self.qkv.weight)
+        nn.init.zeros_(self.qkv.bias)
         # Zeroed output projections: an untrained predictor is the identity, so slot identities carry
         # over from chunk to chunk from the first step of training.
-        nn.init.zeros_(self.attn.out_proj.weight)
-        nn.init.zeros_(self.attn.out_proj.bias)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
         nn.init.xavier_uniform_(self.ffn[0].weight)
         nn.init.zeros_(self.ffn[0].bias)
         nn.init.zeros_(self.ffn[2].weight)
         nn.init.zeros_(self.ffn[2].bias)
 
     def forward(self, slots: torch.Tensor) -> torch.Tensor:
-        h = self.norm_attn(slots)
-        slots = slots + self.attn(h, h, h, need_weights=False)[0]  # (B, S, d)
+        B, S, d = slots.shape
+        q, k, v = self.qkv(self.norm_attn(slots)).view(B, S, 3, self.num_heads, d // self.num_heads).unbind(2)
+        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, h, S, d/h)
+        slots = slots + self.out(attn.transpose(1, 2).reshape(B, S, d))  # (B, S, d)
         return slots + self.ffn(self.norm_ffn(slots))
 
 

@@ -16,8 +16,13 @@ SlotMemory per chunk:
   always detached. The slot state carries gradient across the chunks of a training window and is cut
   (detached) whenever slot_loss() is called.
 
-Learned parts: phi_l and the grouper (trained by L_slot) and P_l, one text projection per layer
-(trained through the straight-through gate on retrieved values, see SlotBank.retrieve).
+Learned parts: phi_l and the grouper (trained by L_slot), P_l, one text projection per layer (trained through the
+straight-through gate on retrieved values, see SlotBank.retrieve), and the feature decoder of the Stage 0 warm-up
+(memory/losses.py), which only Stage 0 uses.
+
+Bank bookkeeping: a write is scored against the previous chunk's slots U^{c-1} (the visual state before the new
+items existed; scoring them against their own slots would give every new item r_vis = 1), and a read skips items
+whose frames the call already attends through the KV cache (the sink and recent window) or computes itself.
 
 Shapes: Y layers, B batch, L tokens of the chunk, S slots, d slot_dim.
 """
@@ -33,7 +38,7 @@ from memory.bank import SlotBank, SlotQuery
 from memory.base import KV, ChunkInfo, LayerStateLike, StreamingMemory, normal_tensors
 from memory.baselines import FrameBankMemory, NoMemory
 from memory.inspector import save_assignment_png
-from memory.losses import SlotLossAccumulator
+from memory.losses import SlotLoss, SlotLossAccumulator
 from memory.writer import SlotWriter, make_items
 from slotmem.config import MemoryConfig
 from slotmem.errors import InputError
@@ -51,6 +56,7 @@ class SlotMemory(StreamingMemory):
         self.writer = SlotWriter(num_layers=num_layers, dim=dim, slot_dim=memory_cfg.slot_dim,
                                  num_slots=memory_cfg.num_slots_per_chunk, num_iters=memory_cfg.slot_iters)
         self.text_proj = nn.ModuleList(nn.Linear(text_dim, memory_cfg.slot_dim) for _ in range(num_layers))
+        self.decoder = FeatureDecoder(memory_cfg.slot_dim, memory_cfg.decoder_hidden)
         self.bank = SlotBank(capacity=memory_cfg.budget)
         self.losses = SlotLossAccumulator(temperature=memory_cfg.con_temperature, rec_weight=memory_cfg.rec_weight,
                                           rec_confidence=memory_cfg.rec_confidence)
@@ -92,10 +98,14 @@ class SlotMemory(StreamingMemory):
             self.inspector.add({"event": "prompt", "chunk": self.next_chunk, "prompt_index": self.prompt_index,
                                 "items": self._item_records(self.next_chunk)})
 
-    def _read(self) -> list[KV] | None:
+    def _read(self, exclude_frames) -> list[KV] | None:
         if self.bank.size == 0:
             return None
-        retrieval = self.bank.retrieve(self._query(), self.cfg.retrieve_top_k)
+        eligible = self.bank.outside(exclude_frames) if exclude_frames else None
+        retrieval = self.bank.retrieve(self._query(), self.cfg.retrieve_top_k, eligible)
+        if retrieval is None:
+            self._last_retrieved = []
+            return None
         ids = self.bank.gather("item_id", retrieval.position)  # (Y, B, k)
         self._last_retrieved = ids[self.inspect_layer, 0].tolist()
         return list(zip(retrieval.keys.unbind(0), retrieval.values.unbind(0)))
@@ -111,7 +121,9 @@ class SlotMemory(StreamingMemory):
         evicted: list[int] = []
         if info.recorded:
             items = make_items(grouping, [s.k for s in states], [s.v for s in states], self.cfg.tokens_per_slot)
-            eviction = self.bank.add(items, self._meta(info, items.u), self._query())
+            # scored against U^{c-1}, the visual state the new items are compared with (not their own slots)
+            eviction = self.bank.add(items, self._meta(info, items.u),
+                                     self._query(grouping.slots if prev is None else prev))
             first_id = self._num_commits * self.cfg.num_slots_per_chunk
             added = [first_id + s for s, ok in enumerate(eviction.added[self.inspect_layer, 0].tolist()) if ok]
             evicted = [i for i in eviction.evicted_id[self.inspect_layer, 0].tolist() if i >= 0]
@@ -120,8 +132,8 @@ class SlotMemory(StreamingMemory):
                             "recorded": info.recorded, "retrieved": self._last_retrieved, "added": added,
                             "evicted": evicted, "items": self._item_records(info.chunk_index)})
 
-    def _slot_loss(self, stage: int) -> torch.Tensor:
-        loss = self.losses.compute(stage)
+    def _slot_loss(self, stage: int, feature_weight: float) -> SlotLoss:
+        loss = self.losses.compute(stage, decoder=self.decoder, feature_weight=feature_weight)
         if self._slots is not None:
             self._slots = self._slots.detach()  # truncate backprop through time at the loss boundary
         return loss
@@ -147,10 +159,11 @@ class SlotMemory(StreamingMemory):
     # helpers
     # ------------------------------------------------------------------------------------------
 
-    def _query(self) -> SlotQuery:
-        """P_l(pooled text of the active prompt) and the slots of the latest chunk."""
+    def _query(self, recent_slots: torch.Tensor | None = None) -> SlotQuery:
+        """P_l(pooled text of the active prompt) and the visual state (default: the slots of the latest chunk)."""
         text = torch.stack([proj(self.pooled_text.to(proj.weight.dtype)) for proj in self.text_proj])  # (Y, B, d)
-        return SlotQuery(text=text, recent_slots=self._slots.detach(), text_weight=self.cfg.text_weight)
+        recent = self._slots if recent_slots is None else recent_slots
+        return SlotQuery(text=text, recent_slots=recent.detach(), text_weight=self.cfg.text_weight)
 
     def _meta(self, info: ChunkInfo, u: torch.Tensor) -> dict[str, torch.Tensor]:
         """eta of the S new items, broadcast to (Y, B, S)."""
@@ -178,6 +191,18 @@ class SlotMemory(StreamingMemory):
                  "frames": [cols["frame_start"][i], cols["frame_end"][i]], "prompt": cols["prompt"][i],
                  "slot": cols["slot"][i], "score": score[i], "r_text": r_text[i], "r_vis": r_vis[i]}
                 for i in range(self.bank.size)]
+
+
+class FeatureDecoder(nn.Module):
+    """Stage 0's decoder from a slot back to the adapted-feature space (memory/losses.py feature_loss)."""
+
+    def __init__(self, slot_dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(slot_dim), nn.Linear(slot_dim, hidden), nn.GELU(),
+                                 nn.Linear(hidden, slot_dim))
+
+    def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        return self.net(slots)  # (..., S, d) -> (..., S, d)
 
 
 MEMORY_KINDS: dict[str, type[StreamingMemory]] = {"slot": SlotMemory, "frame_bank": FrameBankMemory, "none": NoMemory}

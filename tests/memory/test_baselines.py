@@ -116,5 +116,5 @@ def test_no_memory_never_returns_memory():
         mem.write(chunk(e0(), seed=c), chunk_index=c, start_frame=FRAMES * c, num_frames=FRAMES)
     assert mem.read() is None
     assert mem.inspect()["memory_tokens_per_read"] == 0
-    assert mem.slot_loss(2).item() == 0.0
+    assert mem.slot_loss(2).total.item() == 0.0
     assert list(mem.state_dict()) == []

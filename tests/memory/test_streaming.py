@@ -119,7 +119,7 @@ def _train_step(mem, make_states, g, stage):
         if memory_kv is not None:  # stands in for the generator loss: reaches P through the retrieval gate
             loss = loss + sum((v.float() * weight[: v.shape[1]]).sum() for _, v in memory_kv)
         write_chunk(mem, make_states, c, g)
-    return loss + mem.slot_loss(stage)
+    return loss + mem.slot_loss(stage).total
 
 
 def test_frozen_grouper_gets_no_gradient_while_adapters_and_projection_do(make_states):
@@ -145,13 +145,13 @@ def test_slot_loss_clears_and_cuts_the_graph_between_steps(make_states):
     mem.set_prompt(torch.randn(B, TEXT, generator=g), 0)
     for c in range(3):
         write_chunk(mem, make_states, c, g)
-    stage1, = [mem.slot_loss(1)]
+    stage1 = mem.slot_loss(1).total
     assert stage1.requires_grad and stage1.item() > 0
     stage1.backward()
-    assert mem.slot_loss(1).item() == 0.0  # nothing written since the last call
+    assert mem.slot_loss(1).total.item() == 0.0  # nothing written since the last call
     for c in range(3, 5):  # the slot state from before the backward no longer carries a graph
         write_chunk(mem, make_states, c, g)
-    mem.slot_loss(2).backward()
+    mem.slot_loss(2).total.backward()
     with torch.no_grad():  # rollout: nothing kept for losses
         write_chunk(mem, make_states, 5, g)
     assert len(mem.losses) == 0
@@ -167,7 +167,7 @@ def test_stage_two_adds_the_weighted_reconstruction_term(make_states):
         for c in range(3):
             write_chunk(mem, make_states, c, g)
         terms = list(mem.losses.terms)
-        losses[stage] = mem.slot_loss(stage)
+        losses[stage] = mem.slot_loss(stage).total
     from memory.losses import reconstruction_loss
     rec = torch.stack([reconstruction_loss(t.grouping.adapted, t.grouping.slots, t.grouping.assign, confidence=0.5)
                        for t in terms]).mean()
@@ -221,5 +221,112 @@ def test_state_built_under_inference_mode_is_usable_with_autograd(make_states, k
         write_chunk(mem, make_states, c, g)
     assert memory_kv is not None
     if kind == "slot":
-        (mem.slot_loss(2) + sum(v.float().sum() for _, v in memory_kv)).backward()
+        (mem.slot_loss(2).total + sum(v.float().sum() for _, v in memory_kv)).backward()
         assert mem.text_proj[0].weight.grad is not None
+
+
+# -- bank bookkeeping: what a write is scored against, what a read skips -------------------------------------
+
+
+def test_new_items_are_scored_against_the_previous_chunks_slots_and_can_lose(make_states):
+    """A write's eviction query is U^{c-1}: scored against their own slots every new item would have r_vis = 1 and
+    always be admitted. With text relevance off (gamma 0), new items of a chunk unlike the previous one lose to
+    old items of a chunk like it."""
+    mem = slot_memory(record_interval=1, text_weight=0.0, bank_size=1, retrieve_top_k=3)
+    g = torch.Generator().manual_seed(11)
+    mem.set_prompt(torch.randn(B, TEXT, generator=g), 0)
+    queries, evictions = [], []
+    add = mem.bank.add
+
+    def spy(items, meta, query):
+        queries.append(query.recent_slots.clone())
+        evictions.append(add(items, meta, query))
+        return evictions[-1]
+
+    mem.bank.add = spy
+    base = make_states(num_layers=Y, batch=B, tokens=L, dim=DIM, heads=H, head_dim=D, generator=g)
+    for c in range(6):
+        # chunks alternate between one scene and its negative: a new item resembles the previous chunk's slots
+        # only every other write
+        scale = 1.0 if c % 2 == 0 else -1.0
+        states = [type(s)(x=scale * s.x + 0.01 * torch.randn(s.x.shape, generator=g), k=s.k, v=s.v) for s in base]
+        prev = mem._slots
+        mem.write(states, chunk_index=c, start_frame=FPB * c, num_frames=FPB)
+        if prev is not None:
+            torch.testing.assert_close(queries[-1], prev.detach())  # U^{c-1}, not the new items' own slots
+    assert any(not bool(e.added.all()) for e in evictions[1:])  # some new items did not make the cut
+
+
+def test_read_skips_items_of_frames_the_call_already_attends(make_states):
+    mem = slot_memory(record_interval=1, bank_size=3, retrieve_top_k=6)
+    g = torch.Generator().manual_seed(12)
+    mem.set_prompt(torch.randn(B, TEXT, generator=g), 0)
+    for c in range(3):
+        write_chunk(mem, make_states, c, g)
+    everything = mem.read()
+    assert everything[0][0].shape[1] == 6 * mem.cfg.tokens_per_slot
+    # chunk 0 (frames 0-2) is the sink, chunk 2 (frames 6-8) the recent window: only chunk 1's items remain
+    kv = mem.read(exclude_frames=[(0, 3), (6, 9)])
+    assert kv[0][0].shape[1] == mem.cfg.num_slots_per_chunk * mem.cfg.tokens_per_slot
+    chunks = mem.bank.gather("chunk", mem.bank.retrieve(mem._query(), 6, mem.bank.outside([(0, 3), (6, 9)])).position)
+    assert set(chunks.flatten().tolist()) == {1}
+    assert mem.read(exclude_frames=[(0, 9)]) is None  # nothing left to read
+
+
+def test_slot_health_matches_a_direct_computation():
+    from memory.losses import slot_health
+
+    g = torch.Generator().manual_seed(13)
+    slots = torch.randn(2, 3, 4, 8, generator=g)  # (Y, B, S, d)
+    assign = torch.randn(2, 3, 4, 10, generator=g).softmax(dim=2)  # (Y, B, S, L)
+    h = slot_health(slots, assign, 0.3)
+    cos = torch.nn.functional.cosine_similarity(slots[..., :, None, :], slots[..., None, :, :], dim=-1)
+    off = [cos[y, b, i, j] for y in range(2) for b in range(3) for i in range(4) for j in range(4) if i != j]
+    assert h["cosine"] == pytest.approx(float(torch.stack(off).mean()), abs=1e-6)
+    assert h["mask_coverage"] == pytest.approx(float((assign.max(dim=2).values > 0.3).float().mean()))
+
+
+def test_stage0_warmup_separates_slots_and_makes_the_rec_mask_non_empty():
+    """The learning test of the slot warm-up: tokens from a few well-separated feature clusters (entities), seven
+    chunks per stream. Untrained, the slots are alike and no token passes eq. 9's mask; after L_con + L_feat training
+    the slots are distinct (cosine < 0.5), L_con is below half of ln N and at least 30% of tokens pass the mask."""
+    import math
+
+    torch.manual_seed(0)
+    mem = slot_memory(slot_dim=16, num_slots_per_chunk=4, tokens_per_slot=2, bank_size=2, retrieve_top_k=4,
+                      decoder_hidden=32, slot_iters=3)
+    protos = torch.randn(6, DIM, generator=torch.Generator().manual_seed(14)) * 2
+    params = [p for n, p in mem.named_parameters() if n.startswith(("writer", "decoder"))]
+    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+
+    def stream(seed):
+        g = torch.Generator().manual_seed(seed)
+        cast = torch.randperm(6, generator=g)[:4]
+        for c in range(7):
+            labels = torch.randint(0, 4, (B, L), generator=g)
+            x = protos[cast][labels] + 0.3 * torch.randn(B, L, DIM, generator=g)
+            yield c, [type("S", (), {"x": x * (1 + 0.1 * y), "k": torch.randn(B, L, H, D, generator=g),
+                                     "v": torch.randn(B, L, H, D, generator=g)})() for y in range(Y)]
+
+    def run(seed, train):
+        mem.reset(B)
+        mem.set_prompt(torch.randn(B, TEXT), 0)
+        with torch.set_grad_enabled(True):
+            for c, states in stream(seed):
+                mem.write(states, chunk_index=c, start_frame=FPB * c, num_frames=FPB)
+            loss = mem.slot_loss(0)
+        if train:
+            opt.zero_grad()
+            loss.total.backward()
+            opt.step()
+        return loss
+
+    before = run(10_000, train=False)
+    for step in range(150):
+        run(step, train=True)
+    after = run(10_001, train=False)
+    ln_n = math.log(B * mem.cfg.num_slots_per_chunk)
+    assert before.health["mask_coverage"] < 0.2 and before.health["cosine"] > 0.5
+    assert after.health["cosine"] < 0.5, after.health
+    assert after.parts["slot_con"] < 0.5 * ln_n, after.parts
+    assert after.health["mask_coverage"] >= 0.3, after.health
