@@ -218,8 +218,8 @@ class Tracker:
         `experiment` tag of every run; the MLflow experiment is tracking_cfg.experiment. System
         metrics follow tracking_cfg.system_metrics unless $MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is
         explicitly false (the test suite sets that)."""
-        self.experiment = experiment or tracking_cfg.experiment
-        self._mlflow_experiment = tracking_cfg.experiment
+        self.experiment = experiment or tracking_cfg.experiment or "slotmem"
+        self._mlflow_experiment = tracking_cfg.experiment or self.experiment
         self._system_metrics = tracking_cfg.system_metrics and os.environ.get(
             "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower() not in ("false", "0")
         self._stack: list[str] = []

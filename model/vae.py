@@ -122,6 +122,18 @@ class VAE:
         mean, std = self._stats(z)
         return (z - mean) / std
 
+    @torch.no_grad()
+    def reencode_first_frame(self, latent: Tensor) -> Tensor:
+        """One latent frame [B, 1, C, h, w] decoded alone (as a clip's first frame, one pixel frame) and encoded
+        back: the "image latent" LongLive puts at the start of a mid-video training window."""
+        if latent.ndim != 5 or latent.shape[1] != 1:
+            raise InputError(f"reencode_first_frame takes one latent frame [B, 1, C, h, w], got {tuple(latent.shape)}")
+        mean, std = self._stats(latent)
+        z = (latent.to(self.device, torch.float32) * std + mean).to(self.dtype).permute(0, 2, 1, 3, 4)
+        pixels = self.model.decode(z).sample.clamp(-1, 1)  # [B, 3, 1, H, W], the first frame decodes to one
+        z = self.model.encode(pixels).latent_dist.mode().permute(0, 2, 1, 3, 4).to(torch.float32)  # [B, 1, C, h, w]
+        return ((z - mean) / std).to(latent.dtype)
+
     def save_pretrained(self, directory: str | Path) -> None:
         self.model.save_pretrained(str(directory))
 

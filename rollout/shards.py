@@ -491,6 +491,15 @@ def read_round(storage: Storage, round_index: int, columns: Sequence[str] | None
     return pa.concat_tables(_checked(storage, round_index, on_corrupt, check))
 
 
+def read_shard(storage: Storage, path: str, entry: dict[str, Any], columns: Sequence[str] | None = None) -> pa.Table:
+    """One shard file, checked against its manifest entry's size and sha256 (a trainer's row)."""
+    data = storage.read_bytes(path)
+    problem = _verify_bytes(data, entry)
+    if problem:
+        raise InputError(f"corrupt rollout shard {storage.uri(path)}: {problem}")
+    return pq.read_table(pa.BufferReader(data), columns=list(columns) if columns else None)
+
+
 def read_round_dataset(storage: Storage, rounds: int | Sequence[int], columns: Sequence[str] | None = None,
                        on_corrupt: str = "raise", verify: str = "sha256") -> "ray.data.Dataset":
     """A Ray Dataset over the manifest-listed shards of committed round(s) (lazy, streaming)."""

@@ -2,19 +2,21 @@
 
 A checkpoint directory (one per ``ray.train.report``; Ray Train merges the ranks' directories) holds
 
-    generator/, critic/     DeepSpeed checkpoints of the two engines (module, ZeRO partitions,
-                            optimizer state); every rank writes its own partition files
-    trainer_state.json      rank 0: step, rows consumed, MLflow run id, loss history (TrainerState)
+    generator/, critic/     DeepSpeed checkpoints of the engines (module, ZeRO partitions, optimizer state);
+                            every rank writes its own partition files (Stage 0 has no critic)
+    trainer_state.json      rank 0: step, the replay ledger (uses of every row), MLflow run id, loss history
     ema.pt                  rank 0: the generator's EMA shadow (identical on every rank)
     rng_rank{r:04d}.pt      every rank: its random streams (torch global + the trainer's generators)
 
-Restoring all of it gives the same next step: same weights and optimizer moments, same data cursor
-(``rows_consumed``: the data shard is replayed up to it without training), same random draws.
+Restoring all of it continues exactly: same weights and optimizer moments, same random draws, same replay
+ledger (with the same committed rounds, the same rows next). Stage II starts from Stage I's last checkpoint
+the same way, weights, optimizer state and EMA included (DESIGN §5), with its own step counter.
 
 At the end of a stage the trained weights are also written in plain form (``write_stage_final``):
-``{root}/{experiment}/checkpoints/final/stage{N}/{generator,critic}.safetensors`` with a
-``_COMMITTED.json`` written last. Stage II starts from there; unlike DeepSpeed's ZeRO files they do
-not depend on the ZeRO stage or the number of ranks.
+``{root}/{experiment}/checkpoints/final/stage{N}/{generator,critic}.safetensors`` (fp32 masters) with a
+``_COMMITTED.json`` written last, which also carries the replay ledger and the Ray checkpoint the next stage
+resumes. Stage I starts its generator from Stage 0's; unlike DeepSpeed's ZeRO files they do not depend on the
+ZeRO stage or the number of ranks.
 """
 
 from __future__ import annotations
@@ -53,9 +55,9 @@ class TrainerState:
     stage: int
     world_size: int
     step: int = 0
-    """Next training step to run."""
-    rows_consumed: int = 0
-    """Rows each rank has taken from its data shard (all ranks take one per window)."""
+    """Next iteration to run."""
+    replay: dict = field(default_factory=dict)
+    """The replay planner's state (trainer/data.py): uses of every row trained on."""
     mlflow_run_id: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     """Per training step: the rank-averaged losses (what the stage result and the tests read)."""
@@ -114,8 +116,12 @@ def save_checkpoint(directory: str | Path, *, engines: dict[str, Any], state: Tr
 
 
 def load_checkpoint(directory: str | Path, *, engines: dict[str, Any], rank: int, world_size: int,
-                    generators: dict[str, torch.Generator], ema: EMA | None) -> TrainerState:
-    """Restore engines, random streams and EMA from a checkpoint; returns the stage's progress."""
+                    generators: dict[str, torch.Generator] | None, ema: EMA | None,
+                    trainer_cfg=None, stage: int | None = None) -> TrainerState:
+    """Restore engines (weights + optimizer state), random streams and EMA from a checkpoint; returns the progress
+    it recorded. generators=None keeps the random streams (Stage II starting from Stage I's checkpoint); with
+    trainer_cfg and stage, the optimizers then get that stage's learning rates and weight decays (the loaded
+    state carries the writer's)."""
     d = Path(directory)
     if not (d / STATE_FILE).is_file():
         raise InputError(f"{d} is not a trainer checkpoint (no {STATE_FILE})")
@@ -126,11 +132,21 @@ def load_checkpoint(directory: str | Path, *, engines: dict[str, Any], rank: int
                          f"back to {state.world_size}, or use a new storage.experiment to start over)")
     tag = checkpoint_tag(state.step - 1)
     for name, engine in engines.items():
-        path, _ = engine.load_checkpoint(str(d / name), tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False)
+        try:
+            path, _ = engine.load_checkpoint(str(d / name), tag=tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+        except (RuntimeError, KeyError, ValueError) as e:  # a different model or ZeRO layout
+            raise InputError(f"checkpoint {d}: the {name} checkpoint does not fit this job's engine (same "
+                             f"trainer.backbone, trainer.zero_stage and model as the run that wrote it?): {e}") from e
         if path is None:
             raise InputError(f"checkpoint {d}: DeepSpeed found no {name} checkpoint with tag {tag}")
-    restore_rng(torch.load(d / rng_file(rank), weights_only=True), generators)
+    if trainer_cfg is not None:
+        from trainer.models import apply_group_settings
+
+        for engine in engines.values():
+            apply_group_settings(engine.optimizer, trainer_cfg, stage=stage)
+    if generators is not None:
+        restore_rng(torch.load(d / rng_file(rank), weights_only=True), generators)
     if ema is not None and (d / EMA_FILE).is_file():
         ema.load_state_dict(torch.load(d / EMA_FILE, weights_only=True))
     return state
@@ -162,17 +178,20 @@ def write_stage_final(storage: Storage, stage: int, states: dict[str, dict[str, 
     return d
 
 
-def read_stage_final(storage: Storage, stage: int) -> dict[str, dict[str, torch.Tensor]]:
-    """The final weights of a finished stage (InputError if it has not finished)."""
-    from safetensors.torch import load
-
+def stage_final_record(storage: Storage, stage: int) -> dict[str, Any]:
+    """The commit record of a finished stage: files, meta (replay ledger, checkpoint, steps)."""
     d = stage_final_dir(storage, stage)
     if not storage.exists(f"{d}/{COMMITTED}"):
         raise InputError(f"stage {stage} has not finished for experiment {storage.experiment!r} (no "
                          f"{storage.uri(d)}/{COMMITTED}); run `slotmem train --stage {stage}` first")
-    record = storage.read_json(f"{d}/{COMMITTED}")
-    out = {}
-    for name, file in FINAL_FILES.items():
-        if file in record["files"]:
-            out[name] = load(storage.read_bytes(f"{d}/{file}"))
-    return out
+    return storage.read_json(f"{d}/{COMMITTED}")
+
+
+def read_stage_final(storage: Storage, stage: int) -> dict[str, dict[str, torch.Tensor]]:
+    """The final weights of a finished stage (InputError if it has not finished)."""
+    from safetensors.torch import load
+
+    record = stage_final_record(storage, stage)
+    d = stage_final_dir(storage, stage)
+    return {name: load(storage.read_bytes(f"{d}/{file}")) for name, file in FINAL_FILES.items()
+            if file in record["files"]}

@@ -12,13 +12,13 @@ import importlib
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from slotmem.config import TrainerConfig
-from trainer.ema import iter_gathered, unwrap
+from trainer.ema import gathered, unwrap
 
 # Steps between DeepSpeed's own progress prints: never (the trainer reports progress itself).
 _QUIET_STEPS = 1 << 30
@@ -45,6 +45,9 @@ def ds_config(trainer_cfg: TrainerConfig, *, zero_stage: int | None = None, use_
         "train_batch_size": train_batch_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": trainer_cfg.grad_clip if grad_clip is None else grad_clip,
+        # gradients are all-reduced in fp32 even when the compute copy is bf16 (Self-Forcing's FSDP MixedPrecision
+        # reduces in fp32); a bf16 reduction of 8-64 ranks' gradients loses the small ones
+        "communication_data_type": "fp32",
         "zero_optimization": {"stage": stage, **(
             {"stage3_param_persistence_threshold": param_persistence_threshold} if stage == 3 else {})},
         "bf16": {"enabled": bool(use_bf16)},
@@ -97,15 +100,15 @@ def init_distributed_cpu_safe(backend: str | None = None) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 
 
-def make_engine(module: nn.Module, *, lr: float, betas: tuple[float, float], weight_decay: float,
+def make_engine(module: nn.Module, *, param_groups: list[dict], betas: tuple[float, float],
                 ds_config: dict[str, Any]):
-    """Wrap `module` in a DeepSpeed engine whose optimizer is torch AdamW over its trainable params."""
+    """Wrap `module` in a DeepSpeed engine whose optimizer is torch AdamW over `param_groups` (each group its own
+    lr and weight decay; trainer/models.py parameter_groups)."""
     import deepspeed
 
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
+    if not any(group["params"] for group in param_groups):
         raise ValueError("make_engine: the module has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, betas=tuple(betas))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     return engine
 
@@ -156,31 +159,42 @@ def zero_partition_stats(engine) -> PartitionStats:
                           param_elements=local, master_param_elements=master, optimizer_state_elements=state)
 
 
+def iter_full_fp32(engine) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full fp32 CPU tensor) of every parameter of the engine's module, in order, on every rank.
+
+    A trained parameter's value is its fp32 master weight, assembled by DeepSpeed's ``safe_get_full_fp32_param``
+    from the optimizer's partitions (under bf16 the module only holds a rounded compute copy); a frozen parameter
+    has no master and is read from the module (gathered under ZeRO-3). A collective: every rank must call it.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for name, p in unwrap(engine).named_parameters():
+        master = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if master is None:
+            with gathered([p], modifier_rank=None):
+                master = p.detach()
+        yield name, master.detach().to("cpu", torch.float32).clone()
+
+
 @torch.no_grad()
 def gather_full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """Full fp32 CPU state dict of the engine's module on rank 0 ({} on other ranks).
-
-    A collective under ZeRO-3 (parameters are gathered group by group), so every rank must call
-    it. Values are the module's weights cast to fp32 (under bf16 training, the bf16 compute copy:
-    what the rollout actors run).
-    """
+    """Full fp32 CPU state dict of the engine's module (trained parameters from the fp32 masters), on rank 0
+    ({} on other ranks). A collective: every rank must call it."""
     import torch.distributed as dist
 
     module = unwrap(engine)
     is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    keys = list(module.state_dict(keep_vars=True).keys())
-    aliases: dict[int, list[str]] = {}  # tied parameters appear under several state-dict keys
+    aliases: dict[str, list[str]] = {}  # tied parameters appear under several state-dict keys
+    first: dict[int, str] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
+        aliases.setdefault(first.setdefault(id(p), name), []).append(name)
     out: dict[str, torch.Tensor] = {}
-    for group in iter_gathered(list(module.named_parameters())):
+    for name, value in iter_full_fp32(engine):
         if is_rank0:
-            for _, p in group:
-                value = p.detach().to("cpu", torch.float32).clone()
-                out.update({name: value for name in aliases[id(p)]})
+            out.update({alias: value for alias in aliases[name]})
     if not is_rank0:
         return {}
     for name, b in module.named_buffers(remove_duplicate=False):
         value = b.detach().to("cpu").clone()
         out[name] = value.float() if value.is_floating_point() else value
-    return {k: out[k] for k in keys}
+    return {k: out[k] for k in module.state_dict(keep_vars=True)}

@@ -1,11 +1,11 @@
 """Exponential moving average of the generator's parameters (Appendix A.1: decay 0.99 from step 200).
 
 The shadow is an fp32 copy of every parameter (kept on CPU by default, as Self-Forcing does, so it
-costs no accelerator memory). Under DeepSpeed ZeRO-3 a parameter holds only its local partition,
-so updates, ``copy_to`` and nothing else gather the full tensors group by group under
-``deepspeed.zero.GatheredParameters``; every rank must then call them together (they are
-collectives) and every rank ends with the same shadow. Plain modules and ZeRO-1/2 engines (whose
-parameters are replicated) need no communication.
+costs no accelerator memory). For a DeepSpeed engine the values folded in are the fp32 master weights of
+the optimizer (``deepspeed_setup.iter_full_fp32``), never the bf16 compute copy; assembling them is a
+collective under every ZeRO stage, so every rank calls ``update`` together and ends with the same shadow.
+Under ZeRO-3 ``copy_to`` gathers the module's full tensors group by group under
+``deepspeed.zero.GatheredParameters``. Plain modules need no communication.
 
 ``step`` is the caller's generator-update counter (see trainer/schedule.py): before
 ``start_step`` nothing happens, at the first update at or after it the shadow is a copy of the
@@ -42,7 +42,7 @@ def _full_numel(p: torch.Tensor) -> int:
 
 
 @contextlib.contextmanager
-def _gathered(params: list[nn.Parameter], *, modifier_rank: int | None) -> Iterator[None]:
+def gathered(params: list[nn.Parameter], *, modifier_rank: int | None) -> Iterator[None]:
     """Full tensors of ZeRO-3 partitioned params inside the block; a no-op for ordinary params."""
     partitioned = [p for p in params if _is_partitioned(p)]
     if not partitioned:
@@ -63,12 +63,24 @@ def iter_gathered(named: list[tuple[str, nn.Parameter]], *, modifier_rank: int |
         group.append((name, p))
         size += _full_numel(p)
         if size >= max_numel:
-            with _gathered([q for _, q in group], modifier_rank=modifier_rank):
+            with gathered([q for _, q in group], modifier_rank=modifier_rank):
                 yield group
             group, size = [], 0
     if group:
-        with _gathered([q for _, q in group], modifier_rank=modifier_rank):
+        with gathered([q for _, q in group], modifier_rank=modifier_rank):
             yield group
+
+
+def _full_values(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full parameter values: fp32 masters of a DeepSpeed engine, else the (gathered) module parameters."""
+    if hasattr(model, "optimizer") and hasattr(model, "zero_optimization_stage"):
+        from trainer.deepspeed_setup import iter_full_fp32
+
+        yield from iter_full_fp32(model)
+        return
+    for group in iter_gathered(list(unwrap(model).named_parameters())):
+        for name, p in group:
+            yield name, p.detach()
 
 
 class EMA:
@@ -92,18 +104,17 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> bool:
-        """Fold the current weights into the shadow; returns whether anything was done at this step."""
-        if step < self.start_step:
+        """Fold the current weights into the shadow; returns whether anything was done at this step (before
+        start_step nothing happens, unless a shadow already exists, e.g. carried over from the previous stage)."""
+        if step < self.start_step and not self.initialized:
             return False
-        named = list(unwrap(model).named_parameters())
         first = not self.initialized
-        for group in iter_gathered(named):
-            for name, p in group:
-                value = p.detach().to(self.device, torch.float32)
-                if first:
-                    self.shadow[name] = value.clone()
-                else:
-                    self.shadow[name].mul_(self.decay).add_(value, alpha=1.0 - self.decay)
+        for name, value in _full_values(model):
+            value = value.to(self.device, torch.float32)
+            if first:
+                self.shadow[name] = value.clone()
+            else:
+                self.shadow[name].mul_(self.decay).add_(value, alpha=1.0 - self.decay)
         return True
 
     @torch.no_grad()

@@ -97,9 +97,16 @@ def _per_frame(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+def _masked_mean(sq: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
+    """Mean of sq [B, F, C, H, W] over the frames where `frames` [B, F] is True (all frames when None)."""
+    if frames is None:
+        return sq.mean()
+    return sq[frames.to(sq.device)].mean()
+
+
 def dmd_loss(x: torch.Tensor, *, teacher_cond: X0Model, teacher_uncond: X0Model, critic: X0Model,
-             scheduler: Any, guidance_scale: float, t: torch.Tensor,
-             noise: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+             scheduler: Any, guidance_scale: float, t: torch.Tensor, noise: torch.Tensor,
+             frames: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Distribution-matching loss of generator output x [B,F,C,H,W] (Self-Forcing ``dmd.py``).
 
     x_t     = add_noise(x, noise, t), detached: no gradient flows through the scores
@@ -112,6 +119,9 @@ def dmd_loss(x: torch.Tensor, *, teacher_cond: X0Model, teacher_uncond: X0Model,
     generator is pushed along -g, away from the critic's (its own) distribution and towards the
     teacher's; the per-sample normaliser makes the step size independent of how far x is from
     the teacher's prediction.
+
+    frames [B, F] bool: the frames the loss covers (LongLive's gradient_mask: a mid-video window's context
+    chunk is scored with the rest but carries no loss); the scores and the normaliser still see the whole clip.
     """
     t = _per_frame(t, x)
     sched = _schedule(scheduler)
@@ -125,7 +135,7 @@ def dmd_loss(x: torch.Tensor, *, teacher_cond: X0Model, teacher_uncond: X0Model,
         normaliser = (x.detach().float() - real_x0).abs().mean(dim=(1, 2, 3, 4), keepdim=True)  # [B,1,1,1,1]
         g = torch.nan_to_num((fake_x0 - real_x0) / normaliser)
     x64 = x.double()
-    loss = 0.5 * F.mse_loss(x64, (x64 - g.double()).detach(), reduction="mean")
+    loss = 0.5 * _masked_mean((x64 - (x64 - g.double()).detach()) ** 2, frames)
     stats = {
         "dmd_grad_norm": g.double().norm().item(),
         "dmd_grad_mean_abs": g.double().abs().mean().item(),
@@ -135,18 +145,19 @@ def dmd_loss(x: torch.Tensor, *, teacher_cond: X0Model, teacher_uncond: X0Model,
 
 
 def critic_flow_loss(x_gen_detached: torch.Tensor, *, critic: X0Model, scheduler: Any, t: torch.Tensor,
-                     noise: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                     noise: torch.Tensor, frames: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Flow-matching loss of the critic on generator samples (Self-Forcing ``FlowPredLoss``).
 
     x_t = add_noise(x, noise, t); the critic predicts x0, converted to a flow
-    v = (x_t - x0_hat) / sigma_t by the schedule; target flow noise - x; loss = mean((v - target)^2).
+    v = (x_t - x0_hat) / sigma_t by the schedule; target flow noise - x; loss = mean((v - target)^2) over
+    `frames` [B, F] (LongLive masks a mid-video window's context chunk out of the critic loss too).
     """
     x = x_gen_detached.detach()
     t = _per_frame(t, x)
     sched = _schedule(scheduler)
     x_t = sched.add_noise(x, noise, t)
     flow = sched.x0_to_flow(x_t, critic(x_t, t), t)
-    loss = torch.mean((flow.float() - (noise - x).float()) ** 2)
+    loss = _masked_mean((flow.float() - (noise - x).float()) ** 2, frames)
     return loss, {"critic_timestep": t.float().mean().item()}
 
 

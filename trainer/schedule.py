@@ -1,15 +1,16 @@
-"""Which model updates at which training step (Self-Forcing's alternation) and when EMA runs.
+"""Which model updates at which iteration, when EMA runs, and how policy versions count.
 
-A *training step* is one critic update. Every ``critic_updates_per_generator``-th step
-(step % ratio == 0, starting at step 0) the generator is updated first, on its own batch, and then
-the critic, so steps 0..N-1 hold ceil(N / ratio) generator updates (1 generator : 5 critic updates
-in the paper's setting).
+An *iteration* (a training step) is one critic update; every ``critic_updates_per_generator``-th iteration
+(step % ratio == 0, starting at step 0) the generator updates first, on its own window. This is Self-Forcing's and
+LongLive's loop (``TRAIN_GENERATOR = step % dfake_gen_update_ratio == 0``), and stage lengths count iterations as
+their ``max_iters`` does: the paper's Stage I 2000 + Stage II 1000 steps are LongLive's 3000 iterations, 600
+generator updates. ``ema_start_step`` counts iterations too (Self-Forcing). A Stage 0 iteration is one update of
+the slot modules (no critic).
 
-Counting: ``stage1_steps`` / ``stage2_steps`` and ``ema_start_step`` count **generator updates**
-(the config documents them as generator steps, and Appendix A.1's "EMA from step 200" reads most
-naturally against the 2000/1000 generator steps of the stages). Self-Forcing itself counts its
-``ema_start_step`` in training steps; with ratio 5 our EMA therefore starts after 5x as many critic
-updates. A stage of G generator updates is ``train_steps_for(G)`` = G * ratio training steps.
+Policy versions count updates of the published generator: every Stage 0 iteration and every generator update of
+Stages I/II adds one, across stages, so ``trainer_version - row.policy_version`` is the staleness of a row in
+generator updates (veRL / OpenRLHF bound staleness the same way). A version is published every
+``publish_every`` updates and at the end of each stage.
 """
 
 from __future__ import annotations
@@ -19,53 +20,62 @@ from dataclasses import dataclass
 from slotmem.config import TrainerConfig
 
 
+def stage_steps(stage: int, trainer_cfg: TrainerConfig) -> int:
+    return (trainer_cfg.stage0_steps, trainer_cfg.stage1_steps, trainer_cfg.stage2_steps)[stage]
+
+
 def is_generator_step(step: int, trainer_cfg: TrainerConfig) -> bool:
-    """The generator updates at training step `step` (0-based) besides the critic."""
+    """The generator updates at iteration `step` (0-based) besides the critic."""
     return step % trainer_cfg.critic_updates_per_generator == 0
 
 
 def num_generator_updates(steps: int, trainer_cfg: TrainerConfig) -> int:
-    """Generator updates among training steps 0..steps-1."""
-    ratio = trainer_cfg.critic_updates_per_generator
-    return -(-steps // ratio)
+    """Generator updates among iterations 0..steps-1 of a DMD stage."""
+    return -(-steps // trainer_cfg.critic_updates_per_generator)
 
 
-def generator_update_index(step: int, trainer_cfg: TrainerConfig) -> int:
-    """Generator updates done before training step `step`; at a generator step, the 0-based index of its update."""
-    return num_generator_updates(step, trainer_cfg)
+def stage_updates(stage: int, trainer_cfg: TrainerConfig, steps: int | None = None) -> int:
+    """Policy updates in the first `steps` iterations of `stage` (all of them by default)."""
+    steps = stage_steps(stage, trainer_cfg) if steps is None else steps
+    return steps if stage == 0 else num_generator_updates(steps, trainer_cfg)
 
 
-def train_steps_for(generator_updates: int, trainer_cfg: TrainerConfig) -> int:
-    """Training steps for a stage of `generator_updates` generator updates (whole 1 : ratio cycles)."""
-    return generator_updates * trainer_cfg.critic_updates_per_generator
-
-
-def ema_active(generator_update: int, trainer_cfg: TrainerConfig) -> bool:
-    """EMA is updated after generator update `generator_update` (0-based) once it reaches ema_start_step."""
-    return generator_update >= trainer_cfg.ema_start_step
+def version_at_start(stage: int, trainer_cfg: TrainerConfig) -> int:
+    """The policy version a stage starts from: the updates of every earlier stage."""
+    return sum(stage_updates(s, trainer_cfg) for s in range(stage))
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What one training step does."""
+    """What one iteration does."""
 
     step: int
-    """Training step (= critic update index), 0-based."""
+    """Iteration of the stage, 0-based."""
     train_generator: bool
-    """The generator updates in this step (before the critic)."""
-    generator_update: int
-    """Index of this step's generator update, or of the next one when the generator does not update."""
+    """The generator (Stage 0: the slot modules) updates in this iteration."""
+    train_critic: bool
     update_ema: bool
-    """The generator EMA is updated after this step's generator update."""
+    """The generator EMA starts or is updated after this iteration's generator update (a shadow carried over from
+    Stage I keeps being updated in Stage II whatever the step)."""
+    version: int
+    """Policy version after this iteration (updates of the generator so far, across stages)."""
+    publish: bool
+    """Publish the generator after this iteration (every publish_every updates)."""
 
     @property
     def models(self) -> tuple[str, ...]:
         """Models updated in order."""
-        return ("generator", "critic") if self.train_generator else ("critic",)
+        return tuple(m for m, on in (("generator", self.train_generator), ("critic", self.train_critic)) if on)
 
 
-def plan_step(step: int, trainer_cfg: TrainerConfig) -> StepPlan:
-    train_generator = is_generator_step(step, trainer_cfg)
-    index = generator_update_index(step, trainer_cfg)
-    return StepPlan(step=step, train_generator=train_generator, generator_update=index,
-                    update_ema=train_generator and ema_active(index, trainer_cfg))
+def plan_step(stage: int, step: int, trainer_cfg: TrainerConfig) -> StepPlan:
+    base = version_at_start(stage, trainer_cfg)
+    if stage == 0:
+        train_generator, critic, ema = True, False, False
+    else:
+        train_generator, critic = is_generator_step(step, trainer_cfg), True
+        ema = train_generator and step >= trainer_cfg.ema_start_step
+    version = base + stage_updates(stage, trainer_cfg, step + 1)
+    publish = train_generator and version % trainer_cfg.publish_every == 0
+    return StepPlan(step=step, train_generator=train_generator, train_critic=critic, update_ema=ema,
+                    version=version, publish=publish)

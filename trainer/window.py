@@ -1,54 +1,52 @@
-"""One training step on a window of a committed trajectory (DESIGN §5; anchors-video §3).
+"""Training windows of committed trajectories: sampling, context rebuild, self-roll (DESIGN §5; anchors-video §3).
 
-A rollout row holds the clean latents of a whole self-rollout [F, C, h, w] and its prompts' text
-embeddings. A training step picks a chunk-aligned window of ``trainer.window_frames`` frames
-(21 = 7 chunks) and
+A rollout row holds the clean latents of a whole self-rollout [F, C, h, w] and its prompts' text embeddings. A
+step takes a chunk-aligned window and
 
-  1. prefill (no grad): replays the clean frames before the window through the generator exactly as
-     the rollout committed them (memory read -> clean re-run -> memory write per chunk, prompt switch
-     with recache at its chunk), which rebuilds the KV cache and the memory bank;
-  2. self-roll: generates the window chunk by chunk from fresh noise, continuing that cache and bank
-     (a switch inside the window recaches from the clean prefix plus the generated frames); each chunk
-     keeps gradient at one exit step of the few-step sampler (Self-Forcing), drawn on rank 0 and
-     broadcast so every rank runs the same graph depth;
-  3. scores the generated window [B, W, C, h, w] with the teacher and the critic, both bidirectional,
-     under the prompt active at the window's last frame (LongLive: after a switch the new prompt
-     supervises the whole window).
+  1. prefill (no grad): replays the clean frames before the window through the generator exactly as the rollout
+     committed them (memory read -> clean re-run -> memory write per chunk, prompt switch with recache at its
+     chunk), which rebuilds the KV cache and the memory bank;
+  2. self-roll: generates the window's new frames chunk by chunk from fresh noise, continuing that cache and bank
+     (a switch inside the window recaches from the clean prefix plus the generated frames); each chunk keeps
+     gradient at one exit step of the few-step sampler (Self-Forcing), the same for every chunk unless
+     ``trainer.same_exit_step`` is false, drawn on rank 0 and broadcast so every rank runs the same graph depth;
+     or, in Stage 0, replays the window's own clean frames (the slot modules learn from the frozen backbone's
+     features of the committed trajectory);
+  3. hands the scored clip of ``trainer.window_frames`` frames to the losses. A window at the start of a video is
+     all new frames. A window in the middle (LongLive's streaming long tuning, ``model/streaming_training.py``)
+     generates window_frames - chunk new frames after one chunk of the trajectory's own frames; that context
+     chunk's first latent is re-encoded as an image latent (decode it alone, re-encode its pixel frame), so the
+     teacher and critic, which only ever saw clips that start at a first frame, score it as one, and the loss
+     covers the new frames only (LongLive's gradient_mask).
 
-Generator step: L = L_DMD + lambda_slot * L_slot (eq. 6), the slot losses coming from the memory
-writes of the window's chunks. Critic step: flow-matching loss on a no-grad rollout of a window.
+Data-parallel ranks must run the same sequence of module calls: ZeRO-3 gathers each module's parameters with a
+collective at its call. So the window start and the exit steps are drawn on rank 0 and broadcast (every rank rolls
+out the same layout of its own trajectory), and the rank-dependent work (the prefill, and a prompt switch that
+only some ranks' trajectories have) runs inside ``RankSync.local``, where ZeRO-3 engines hold their full parameters
+and issue no collectives; all ranks enter it together. Every other call is identical across ranks. Nothing here
+touches torch.distributed: ``RankSync`` carries the collectives (single-process no-ops by default).
 
-Data-parallel ranks must run the same sequence of module calls: ZeRO-3 gathers each module's
-parameters with a collective at its call. So the window start and the exit steps are drawn on rank 0
-and broadcast (every rank rolls out the same layout of its own trajectory), and the rank-dependent
-work (the prefill, and a prompt switch that only some ranks' trajectories have) runs inside
-``RankSync.local``, where ZeRO-3 engines hold their full parameters and issue no collectives; all
-ranks enter it together. Every other call is identical across ranks. Nothing here touches
-torch.distributed: ``RankSync`` carries the collectives (single-process no-ops by default).
-
-Shapes: P prompts, Lt text tokens, D text_dim, F trajectory frames, W window frames, C latent
+Shapes: P prompts, Lt text tokens, D text_dim, F trajectory frames, W scored frames, N new frames, C latent
 channels, h x w latent grid. One trajectory per rank and step (B = 1).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager
 
 import torch
 from torch import Tensor
 
-from memory import contrastive_loss, reconstruction_loss
-from model import CausalWanModel, FlowMatchScheduler
+from model import FlowMatchScheduler
 from rollout.components import Generator
 from rollout.streaming import Prompts, StreamState, chunk_switch_starts, prompt_index_at
-from slotmem.config import ModelConfig, TrainerConfig
+from slotmem.config import ModelConfig
 from slotmem.errors import InputError
-from trainer.losses import critic_flow_loss, dmd_loss, generator_objective, sample_dmd_timestep
-from trainer.models import predict_x0
 
 Broadcast = Callable[[Tensor], Tensor]
+FirstFrame = Callable[[Tensor], Tensor]  # latent [B, 1, C, h, w] -> the same frame re-encoded as an image latent
 
 
 def _same(t: Tensor) -> Tensor:
@@ -79,36 +77,57 @@ class TrajectoryWindow:
     latents: Tensor  # [F, C, h, w] clean latents of the whole trajectory
     text_embeddings: Tensor  # [P, Lt, D] zero-padded text-encoder outputs
     switch_starts: list[int]  # chunk start where prompt i+1 takes over (len P-1)
-    start: int  # first frame of the window (a chunk start)
-    num_frames: int  # W
+    start: int  # first generated frame (a chunk start)
+    num_frames: int  # W, the frames the losses score
+    context: int  # frames of the trajectory before `start` that open the scored clip (0 or one chunk)
     policy_version: int
     trajectory_id: str = ""
 
     @property
+    def num_new(self) -> int:
+        return self.num_frames - self.context
+
+    @property
     def end(self) -> int:
-        return self.start + self.num_frames
+        return self.start + self.num_new
 
     @property
     def final_prompt_index(self) -> int:
-        """The prompt active at the window's last frame: the one that supervises it."""
+        """The prompt active at the window's last frame: the one that supervises it (LongLive)."""
         return prompt_index_at(self.end - 1, self.switch_starts)
+
+    def loss_frames(self, device: torch.device | str = "cpu") -> Tensor | None:
+        """[1, W] bool: the new frames (None when the whole clip is new)."""
+        if not self.context:
+            return None
+        frames = torch.zeros(1, self.num_frames, dtype=torch.bool, device=device)
+        frames[:, self.context:] = True
+        return frames
+
+
+def window_starts(num_frames: int, window_frames: int, chunk: int) -> list[int]:
+    """Chunk starts a window may generate from: 0 (all window_frames new), or s >= chunk with one chunk of
+    context before it and window_frames - chunk new frames that fit in the trajectory."""
+    if window_frames > num_frames:
+        return []
+    return [0] + list(range(chunk, num_frames - (window_frames - chunk) + 1, chunk))
 
 
 def sample_window_start(num_frames: int, window_frames: int, chunk: int, generator: torch.Generator,
                         sync: RankSync | None = None) -> int:
-    """Uniform chunk-aligned start in [0, num_frames - window_frames], the same on every rank.
+    """A uniform choice among ``window_starts``, the same on every rank.
 
     Every rank draws (so all random streams advance alike); rank 0's draw is broadcast, within the
     shortest trajectory of all ranks.
     """
     sync = sync or RankSync()
     shortest = -int(sync.reduce_max(torch.tensor([-num_frames]))[0])
-    if window_frames > shortest:
+    starts = window_starts(shortest, window_frames, chunk)
+    if not starts:
         raise InputError(f"trainer.window_frames ({window_frames}) is longer than a trajectory ({shortest} "
                          f"latent frames); roll out at least rollout.num_frames >= {window_frames}")
-    num_starts = (shortest - window_frames) // chunk + 1
-    start = torch.randint(num_starts, (1,), generator=generator) * chunk
-    return int(sync.broadcast(start)[0])
+    index = torch.randint(len(starts), (1,), generator=generator)
+    return starts[int(sync.broadcast(index)[0])]
 
 
 def window_from_row(row: dict[str, Any], *, window_frames: int, chunk: int, generator: torch.Generator,
@@ -118,7 +137,7 @@ def window_from_row(row: dict[str, Any], *, window_frames: int, chunk: int, gene
     start = sample_window_start(latents.shape[0], window_frames, chunk, generator, sync)
     return TrajectoryWindow(latents=latents, text_embeddings=row["text_embeddings"][index],
                             switch_starts=chunk_switch_starts(list(row["switch_frames"][index]), chunk),
-                            start=start, num_frames=window_frames,
+                            start=start, num_frames=window_frames, context=chunk if start else 0,
                             policy_version=int(row["policy_version"][index]),
                             trajectory_id=str(row["trajectory_id"][index]) if "trajectory_id" in row else "")
 
@@ -135,21 +154,21 @@ def prompts_from_embeddings(embeddings: Tensor) -> Prompts:
     return Prompts(texts=[""] * embeddings.shape[0], embeddings=embeddings, pooled=pooled)
 
 
-def draw_exit_steps(num_chunks: int, num_steps: int, generator: torch.Generator,
+def draw_exit_steps(num_chunks: int, num_steps: int, generator: torch.Generator, *, same: bool = True,
                     broadcast: Broadcast | None = None) -> list[int]:
-    """One exit step per chunk in [0, num_steps); every rank draws, then rank 0's draw is broadcast.
+    """Exit step per chunk in [0, num_steps): one for all chunks (Self-Forcing same_step_across_blocks) or one
+    each; every rank draws, then rank 0's draw is broadcast.
 
     Every rank draws (not only rank 0) so that all ranks consume their random streams alike.
-    `broadcast(t)` returns rank 0's tensor on every rank (in-place dist.broadcast in the job).
     """
-    steps = torch.randint(num_steps, (num_chunks,), generator=generator)
+    steps = torch.randint(num_steps, (1 if same else num_chunks,), generator=generator)
     if broadcast is not None:
         steps = broadcast(steps)
-    return [int(s) for s in steps]
+    return [int(s) for s in steps.expand(num_chunks)] if same else [int(s) for s in steps]
 
 
 # ----------------------------------------------------------------------------------------------
-# rebuilding the context and self-rolling the window
+# rebuilding the context and rolling the window
 # ----------------------------------------------------------------------------------------------
 
 
@@ -172,25 +191,25 @@ def prefill(state: StreamState, window: TrajectoryWindow) -> None:
         for s in range(0, window.start, chunk):
             if s in window.switch_starts:
                 state.switch_prompt(window.switch_starts.index(s) + 1, clean[:, :s])
-            memory_kv = state.memory.read()
-            state.commit(clean[:, s : s + chunk], memory_kv=memory_kv)
+            state.commit(clean[:, s : s + chunk], memory_kv=state.read_memory())
 
 
-def self_roll(state: StreamState, window: TrajectoryWindow, *, exit_steps: list[int],
-              noise_generator: torch.Generator, sync: RankSync | None = None) -> Tensor:
-    """Generate the window after ``prefill``; returns x [1, W, C, h, w].
+def roll(state: StreamState, window: TrajectoryWindow, *, exit_steps: list[int] | None,
+         noise_generator: torch.Generator, sync: RankSync | None = None) -> Tensor:
+    """Continue the stream after ``prefill`` over the window's new frames; returns them, x [1, N, C, h, w].
 
-    Under autograd each chunk's x0 carries gradient from its exit step (and the memory writes keep
-    their slot-attention graphs for L_slot); under no_grad this is the critic's sample. A chunk where
-    any rank switches prompts is entered in ``sync.local`` by every rank.
+    exit_steps given: self-roll from fresh noise; under autograd each chunk's x0 carries gradient from its exit
+    step (and the memory writes keep their slot-attention graphs for L_slot); under no_grad this is the critic's
+    sample. exit_steps None: replay the trajectory's own clean chunks (Stage 0: the memory writes, under the
+    caller's grad mode, are what trains). A chunk where any rank switches prompts is entered in ``sync.local`` by
+    every rank.
     """
     sync = sync or RankSync()
     cfg = state.model_cfg
     chunk = cfg.num_frame_per_block
-    num_chunks = window.num_frames // chunk
-    if len(exit_steps) != num_chunks:
-        raise InputError(f"need one exit step per chunk ({num_chunks}), got {len(exit_steps)}")
     starts = list(range(window.start, window.end, chunk))
+    if exit_steps is not None and len(exit_steps) != len(starts):
+        raise InputError(f"need one exit step per chunk ({len(starts)}), got {len(exit_steps)}")
     mine = torch.tensor([float(s in window.switch_starts) for s in starts])
     anyone = sync.reduce_max(mine.clone())  # [num_chunks] 1 where some rank switches
     device, dtype = state.model.device, state.model.dtype
@@ -203,9 +222,12 @@ def self_roll(state: StreamState, window: TrajectoryWindow, *, exit_steps: list[
                 if mine[c] > 0:
                     state.switch_prompt(window.switch_starts.index(s) + 1, history)
             state.text.reset()  # drop text projections cached with the gathered weights, on every rank alike
-        memory_kv = state.memory.read()
-        noise = torch.randn(shape, generator=noise_generator, device=device, dtype=dtype)
-        x0 = state.denoise(noise, memory_kv=memory_kv, exit_step=exit_steps[c], generator=noise_generator)
+        memory_kv = state.read_memory()
+        if exit_steps is None:
+            x0 = window.latents[None, s : s + chunk].to(device=device, dtype=dtype)
+        else:
+            noise = torch.randn(shape, generator=noise_generator, device=device, dtype=dtype)
+            x0 = state.denoise(noise, memory_kv=memory_kv, exit_step=exit_steps[c], generator=noise_generator)
         state.commit(x0, memory_kv=memory_kv)
         out.append(x0)
         history = torch.cat([history, x0.detach()], dim=1)
@@ -213,103 +235,23 @@ def self_roll(state: StreamState, window: TrajectoryWindow, *, exit_steps: list[
 
 
 def rollout_window(generator: Generator, scheduler: FlowMatchScheduler, model_cfg: ModelConfig,
-                   window: TrajectoryWindow, *, exit_steps: list[int], noise_generator: torch.Generator,
+                   window: TrajectoryWindow, *, exit_steps: list[int] | None, noise_generator: torch.Generator,
                    sync: RankSync | None = None) -> Tensor:
-    """prefill (in ``sync.local``) + self_roll under the caller's grad mode; x [1, W, C, h, w]."""
+    """prefill (in ``sync.local``) + roll under the caller's grad mode; the new frames x [1, N, C, h, w]."""
     sync = sync or RankSync()
     with sync.local():
         state = new_state(generator, scheduler, model_cfg, window)
         prefill(state, window)
     state.text.reset()
-    return self_roll(state, window, exit_steps=exit_steps, noise_generator=noise_generator, sync=sync)
+    return roll(state, window, exit_steps=exit_steps, noise_generator=noise_generator, sync=sync)
 
 
-# ----------------------------------------------------------------------------------------------
-# losses of a step
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Scorers:
-    """Teacher and critic with their text for one window: x0 predictors (x_t, t) -> x0."""
-
-    teacher_cond: Callable[[Tensor, Tensor], Tensor]
-    teacher_uncond: Callable[[Tensor, Tensor], Tensor]
-    critic: Callable[[Tensor, Tensor], Tensor]
-
-
-def make_scorers(teacher: CausalWanModel, critic: CausalWanModel, scheduler: FlowMatchScheduler,
-                 prompt_embedding: Tensor, negative_embedding: Tensor) -> Scorers:
-    """prompt_embedding / negative_embedding [Lt, D]; each model gets its own TextContext."""
-
-    def bind(model: CausalWanModel, emb: Tensor):
-        text = model.encode_text(emb[None].to(device=model.device, dtype=model.dtype))  # [1, Lt, D]
-        return lambda x_t, t: predict_x0(model, scheduler, x_t, t, text)
-
-    return Scorers(teacher_cond=bind(teacher, prompt_embedding), teacher_uncond=bind(teacher, negative_embedding),
-                   critic=bind(critic, prompt_embedding))
-
-
-def slot_loss_parts(memory, stage: int) -> tuple[Tensor, dict[str, float]]:
-    """L_slot for the backward pass plus its parts L_con and L_rec for logging.
-
-    The parts are recomputed without grad from the memory's collected slot-attention passes (eq. 8, 10)
-    before ``slot_loss`` consumes them; memories without slots report zeros.
-    """
-    parts = {"slot_con": 0.0, "slot_rec": 0.0}
-    acc = getattr(memory, "losses", None)
-    terms = list(getattr(acc, "terms", []))
-    if terms:
-        with torch.no_grad():
-            con = [contrastive_loss(t.prev_slots, t.grouping.slots, acc.temperature)
-                   for t in terms if t.prev_slots is not None]
-            rec = [reconstruction_loss(t.grouping.adapted, t.grouping.slots, t.grouping.assign,
-                                       confidence=acc.rec_confidence) for t in terms]
-            parts["slot_con"] = float(torch.stack(con).mean()) if con else 0.0
-            parts["slot_rec"] = float(torch.stack(rec).mean())
-    return memory.slot_loss(stage), parts
-
-
-def generator_loss(window: TrajectoryWindow, *, generator: Generator, teacher: CausalWanModel,
-                   critic: CausalWanModel, scheduler: FlowMatchScheduler, model_cfg: ModelConfig,
-                   trainer_cfg: TrainerConfig, negative_embedding: Tensor, stage: int, exit_steps: list[int],
-                   generator_rng: torch.Generator, noise_rng: torch.Generator,
-                   sync: RankSync | None = None) -> tuple[Tensor, dict[str, float]]:
-    """Eq. 6 on a self-rolled window: DMD (teacher CFG vs critic) + lambda_slot * L_slot."""
-    x = rollout_window(generator, scheduler, model_cfg, window, exit_steps=exit_steps, noise_generator=noise_rng,
-                       sync=sync)  # [1, W, C, h, w], grad at the exit steps
-    slot, parts = slot_loss_parts(generator.memory, stage)
-    scorers = make_scorers(teacher, critic, scheduler, window.text_embeddings[window.final_prompt_index],
-                           negative_embedding)
-    t = sample_dmd_timestep(x.shape[0], generator_rng, shift=model_cfg.timestep_shift, num_frames=x.shape[1],
-                            min_t=trainer_cfg.min_timestep, max_t=trainer_cfg.max_timestep,
-                            num_train_timesteps=model_cfg.num_train_timesteps).to(x.device)
-    noise = torch.randn(x.shape, generator=noise_rng, device=x.device, dtype=x.dtype)
-    dmd, stats = dmd_loss(x, teacher_cond=scorers.teacher_cond, teacher_uncond=scorers.teacher_uncond,
-                          critic=scorers.critic, scheduler=scheduler, guidance_scale=trainer_cfg.guidance_scale,
-                          t=t, noise=noise)
-    loss = generator_objective(dmd, slot.to(dmd.device, dmd.dtype), trainer_cfg.lambda_slot)
-    return loss, {"dmd": float(dmd.detach()), "slot": float(slot.detach()), **parts, **stats}
-
-
-def critic_loss(window: TrajectoryWindow, *, generator: Generator, critic: CausalWanModel,
-                scheduler: FlowMatchScheduler, model_cfg: ModelConfig, trainer_cfg: TrainerConfig,
-                exit_steps: list[int], generator_rng: torch.Generator, noise_rng: torch.Generator,
-                sync: RankSync | None = None) -> tuple[Tensor, dict[str, float]]:
-    """Flow-matching loss of the critic on a no-grad self-roll of the window (critic CFG 0).
-
-    The whole rollout runs in one ``sync.local`` block: without gradient it needs no collectives.
-    """
-    sync = sync or RankSync()
-    with sync.local(), torch.no_grad():
-        x = rollout_window(generator, scheduler, model_cfg, window, exit_steps=exit_steps, noise_generator=noise_rng,
-                           sync=replace(sync, local=contextlib.nullcontext))
-    text = critic.encode_text(window.text_embeddings[window.final_prompt_index][None].to(
-        device=critic.device, dtype=critic.dtype))
-    t = sample_dmd_timestep(x.shape[0], generator_rng, shift=model_cfg.timestep_shift, num_frames=x.shape[1],
-                            min_t=trainer_cfg.min_timestep, max_t=trainer_cfg.max_timestep,
-                            num_train_timesteps=model_cfg.num_train_timesteps).to(x.device)
-    noise = torch.randn(x.shape, generator=noise_rng, device=x.device, dtype=x.dtype)
-    loss, stats = critic_flow_loss(x, critic=lambda x_t, tt: predict_x0(critic, scheduler, x_t, tt, text),
-                                   scheduler=scheduler, t=t, noise=noise)
-    return loss, stats
+def scored_clip(window: TrajectoryWindow, new: Tensor, first_frame: FirstFrame) -> Tensor:
+    """The clip the losses score, [1, W, C, h, w]: the context chunk (its first latent re-encoded as an image
+    latent) followed by the new frames; the new frames alone for a window at the start of a video."""
+    if not window.context:
+        return new
+    context = window.latents[None, window.start - window.context: window.start].to(new.device, new.dtype)
+    with torch.no_grad():
+        head = first_frame(context[:, :1]).to(new.device, new.dtype)  # [1, 1, C, h, w]
+    return torch.cat([head, context[:, 1:], new], dim=1)

@@ -30,8 +30,9 @@ def _mlp(seed: int) -> nn.Module:
 def _engines(zero_stage: int, seed: int) -> dict:
     cfg = ds_config(TrainerConfig(), zero_stage=zero_stage, use_bf16=False, train_batch_size=1,
                     param_persistence_threshold=0)
-    return {name: make_engine(_mlp(seed + i), lr=1e-2, betas=(0.0, 0.999), weight_decay=0.01, ds_config=cfg)
-            for i, name in enumerate(("generator", "critic"))}
+    return {name: make_engine(m, param_groups=[{"params": list(m.parameters()), "lr": 1e-2, "weight_decay": 0.01}],
+                              betas=(0.0, 0.999), ds_config=cfg)
+            for i, name in enumerate(("generator", "critic")) for m in [_mlp(seed + i)]}
 
 
 def _step(engines: dict, rngs: dict, ema: EMA, step: int) -> list[float]:
@@ -53,7 +54,7 @@ def test_resume_continues_with_identical_next_step(world1, tmp_path, zero_stage)
                                                                                                   start_step=0)
     for step in range(2):
         _step(engines, rngs, ema, step)
-    state = TrainerState(stage=1, world_size=1, step=2, rows_consumed=5, mlflow_run_id="run-1",
+    state = TrainerState(stage=1, world_size=1, step=2, replay={"ledger": {"k": 2}}, mlflow_run_id="run-1",
                          history=[{"step": 0, "critic": 1.0}, {"step": 1, "critic": 0.5}])
     save_checkpoint(tmp_path, engines=engines, state=state, rank=0, generators=rngs, ema=ema)
     expected = _step(engines, rngs, ema, 2)
@@ -93,7 +94,7 @@ def test_rng_capture_and_restore_replays_every_stream():
 
 
 def test_trainer_state_json_round_trip():
-    state = TrainerState(stage=2, world_size=4, step=17, rows_consumed=21, mlflow_run_id=None,
+    state = TrainerState(stage=2, world_size=4, step=17, replay={"ledger": {"round_0000/part-a0-00000.parquet": 3}}, mlflow_run_id=None,
                          history=[{"step": 16, "critic": 0.25, "dmd": 1e-3}])
     assert TrainerState.from_json(state.to_json()) == state
 

@@ -40,8 +40,9 @@ def _engine(stage: int, *, batch: int, grad_clip: float = 10.0, lr: float = 1e-2
             module: nn.Module | None = None):
     cfg = ds_config(TrainerConfig(), zero_stage=stage, use_bf16=False, train_batch_size=batch,
                     grad_clip=grad_clip, param_persistence_threshold=0)
-    return make_engine(module if module is not None else _mlp(), lr=lr, betas=BETAS,
-                       weight_decay=weight_decay, ds_config=cfg)
+    module = module if module is not None else _mlp()
+    return make_engine(module, param_groups=[{"params": list(module.parameters()), "lr": lr,
+                                              "weight_decay": weight_decay}], betas=BETAS, ds_config=cfg)
 
 
 def _train_step(engine, x, y) -> float:

@@ -8,7 +8,7 @@ from torch import nn
 
 from slotmem.config import TrainerConfig
 from trainer.deepspeed_setup import ds_config, ensure_single_process_group, gather_full_state_dict, make_engine
-from trainer.ema import EMA
+from trainer.ema import EMA, iter_gathered, unwrap
 
 
 def _perturb(model: nn.Module, seed: int) -> None:
@@ -74,7 +74,8 @@ def test_ema_on_zero3_engine_gathers_partitioned_params():
     ensure_single_process_group("gloo")
     cfg = ds_config(TrainerConfig(), zero_stage=3, use_bf16=False, train_batch_size=4,
                     param_persistence_threshold=0)
-    engine = make_engine(module, lr=1e-2, betas=(0.0, 0.999), weight_decay=0.0, ds_config=cfg)
+    engine = make_engine(module, param_groups=[{"params": list(module.parameters()), "lr": 1e-2, "weight_decay": 0.0}],
+                         betas=(0.0, 0.999), ds_config=cfg)
     assert all(hasattr(p, "ds_id") for p in engine.module.parameters())  # ZeRO-3 partitioned
     ema = EMA(decay=0.5, start_step=0)
     ema.update(engine, 0)  # the engine is unwrapped: names have no 'module.' prefix
@@ -90,7 +91,8 @@ def test_ema_on_zero3_engine_gathers_partitioned_params():
     for n, v in reference.items():
         torch.testing.assert_close(ema.shadow[n], 0.5 * v + 0.5 * trained[n])
 
-    ema.copy_to(engine)
-    after = gather_full_state_dict(engine)
+    ema.copy_to(engine)  # the module's (compute) weights; the optimizer's fp32 masters stay the trained ones
+    after = {n: p.detach().clone() for group in iter_gathered(list(unwrap(engine).named_parameters())) for n, p in group}
     for n in reference:
         torch.testing.assert_close(after[n], ema.shadow[n])
+        torch.testing.assert_close(gather_full_state_dict(engine)[n], trained[n])

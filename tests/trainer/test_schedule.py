@@ -1,43 +1,37 @@
-"""Generator/critic alternation (1 : 5, Self-Forcing) and the EMA start, counted in generator updates."""
+"""Generator/critic alternation (1 : 5, Self-Forcing), the EMA start, and how policy versions count, against
+LongLive's loop (``TRAIN_GENERATOR = step % dfake_gen_update_ratio == 0``, stages in iterations)."""
 
 from __future__ import annotations
 
 from slotmem.config import TrainerConfig
-from trainer.schedule import (
-    ema_active,
-    generator_update_index,
-    is_generator_step,
-    num_generator_updates,
-    plan_step,
-    train_steps_for,
-)
+from trainer.schedule import num_generator_updates, plan_step, stage_steps, stage_updates, version_at_start
 
 
 def test_one_generator_update_per_five_critic_updates():
     cfg = TrainerConfig(critic_updates_per_generator=5)
-    gen_steps = [s for s in range(20) if is_generator_step(s, cfg)]
-    assert gen_steps == [0, 5, 10, 15]
-    assert num_generator_updates(20, cfg) == 4
-    assert [num_generator_updates(n, cfg) for n in (0, 1, 5, 6, 21)] == [0, 1, 1, 2, 5]
-    plans = [plan_step(s, cfg) for s in range(20)]
-    assert sum(p.models.count("critic") for p in plans) == 20  # every step updates the critic
-    assert sum(p.models.count("generator") for p in plans) == 4
+    plans = [plan_step(1, s, cfg) for s in range(20)]
+    assert [p.step for p in plans if p.train_generator] == [0, 5, 10, 15]
+    assert sum(p.models.count("critic") for p in plans) == 20  # every iteration updates the critic
     assert plans[0].models == ("generator", "critic") and plans[1].models == ("critic",)
+    assert [num_generator_updates(n, cfg) for n in (0, 1, 5, 6, 21)] == [0, 1, 1, 2, 5]
 
 
-def test_stage_length_in_generator_updates():
-    cfg = TrainerConfig(critic_updates_per_generator=5, stage1_steps=2000)
-    steps = train_steps_for(cfg.stage1_steps, cfg)
-    assert steps == 10_000 and num_generator_updates(steps, cfg) == 2000
-    assert [generator_update_index(s, cfg) for s in (0, 4, 5, 9, 10)] == [0, 1, 1, 2, 2]
+def test_stages_count_iterations_like_longlive():
+    """The paper's Stage I 2000 + Stage II 1000 steps = LongLive's 3000 max_iters = 600 generator updates."""
+    cfg = TrainerConfig(stage0_steps=500, stage1_steps=2000, stage2_steps=1000, critic_updates_per_generator=5)
+    assert [stage_steps(s, cfg) for s in (0, 1, 2)] == [500, 2000, 1000]
+    assert stage_updates(1, cfg) + stage_updates(2, cfg) == 600
+    # every Stage 0 iteration updates the generator's slot modules: it counts as a policy update
+    assert [version_at_start(s, cfg) for s in (0, 1, 2)] == [0, 500, 900]
+    stage0 = [plan_step(0, s, cfg) for s in range(3)]
+    assert [p.models for p in stage0] == [("generator",)] * 3 and [p.version for p in stage0] == [1, 2, 3]
+    assert [plan_step(2, s, cfg).version for s in (0, 1, 5)] == [901, 901, 902]
 
 
-def test_ema_starts_at_generator_update_ema_start_step():
-    cfg = TrainerConfig(critic_updates_per_generator=5, ema_start_step=2)
-    ema_steps = [s for s in range(30) if plan_step(s, cfg).update_ema]
-    # generator updates happen at steps 0, 5, 10, ...; the third one (index 2) is the first with EMA
-    assert ema_steps == [10, 15, 20, 25]
-    assert not ema_active(1, cfg) and ema_active(2, cfg)
-    assert [plan_step(s, cfg).generator_update for s in (10, 15)] == [2, 3]
-    cfg = TrainerConfig(critic_updates_per_generator=1, ema_start_step=200)  # ratio 1: steps = updates
-    assert [s for s in range(198, 203) if plan_step(s, cfg).update_ema] == [200, 201, 202]
+def test_ema_starts_at_iteration_ema_start_step_and_publishing_follows_versions():
+    cfg = TrainerConfig(critic_updates_per_generator=5, ema_start_step=10, publish_every=2, stage0_steps=3)
+    ema_steps = [s for s in range(30) if plan_step(1, s, cfg).update_ema]
+    assert ema_steps == [10, 15, 20, 25]  # generator iterations from iteration 10 on (Self-Forcing counting)
+    published = [(s, plan_step(1, s, cfg).version) for s in range(30) if plan_step(1, s, cfg).publish]
+    assert published == [(0, 4), (10, 6), (20, 8)]  # every 2nd policy version, counted across stages
+    assert [s for s in range(3) if plan_step(0, s, cfg).publish] == [1]  # Stage 0: version 2

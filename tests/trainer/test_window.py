@@ -14,10 +14,11 @@ from rollout.shards import read_round, table_to_rows
 from slotmem.config import load_config
 from slotmem.errors import InputError
 from tests.fixtures_data import make_committed_round
-from trainer.models import build_training_models
-from trainer.window import (RankSync, TrajectoryWindow, critic_loss, draw_exit_steps, generator_loss, new_state,
-                            prefill, prompts_from_embeddings, rollout_window, sample_window_start, self_roll,
-                            slot_loss_parts, window_from_row)
+from model.vae import build_vae
+from trainer.models import build_training_models, parameter_groups
+from trainer.objectives import critic_loss, generator_loss, warmup_loss
+from trainer.window import (RankSync, TrajectoryWindow, draw_exit_steps, new_state, prefill, prompts_from_embeddings,
+                            roll, rollout_window, sample_window_start, scored_clip, window_from_row, window_starts)
 
 NUM_FRAMES = 48
 WINDOW = 21
@@ -36,7 +37,7 @@ def single_thread():
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
     root = tmp_path_factory.mktemp("window")
-    return load_config("configs/tiny.yaml", [f"storage.root={root}", f"rollout.num_frames={NUM_FRAMES}",
+    return load_config("configs/tiny-random.yaml", [f"storage.root={root}", f"rollout.num_frames={NUM_FRAMES}",
                                              "rollout.switch_frames=[24]", "rollout.switch_choices=[21]"])
 
 
@@ -59,11 +60,17 @@ def as_batch(row) -> dict:
 
 def window_at(row, start: int) -> TrajectoryWindow:
     return TrajectoryWindow(latents=row.latents, text_embeddings=row.text_embeddings, switch_starts=row.switch_frames,
-                            start=start, num_frames=WINDOW, policy_version=row.policy_version)
+                            start=start, num_frames=WINDOW, context=CHUNK if start else 0,
+                            policy_version=row.policy_version)
 
 
 def models(cfg, stage: int):
-    return build_training_models(cfg.model, cfg.memory, cfg.trainer, stage=stage)
+    return build_training_models(cfg.model, cfg.teacher, cfg.memory, cfg.trainer, stage=stage)
+
+
+@pytest.fixture(scope="module")
+def first_frame(cfg):
+    return build_vae(cfg.model).reencode_first_frame
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,7 +78,7 @@ def models(cfg, stage: int):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("traj,start", [(0, 0), (0, 9), (0, 27), (1, 12)],
+@pytest.mark.parametrize("traj,start", [(0, 0), (0, 9), (0, 27), (1, 15)],
                          ids=["switch-in-window", "switch-in-window-after-prefill", "switch-in-prefill",
                               "late-switch-in-window"])
 def test_prefill_and_self_roll_reproduce_the_rollout(cfg, rows, traj, start):
@@ -94,9 +101,11 @@ def test_prefill_and_self_roll_reproduce_the_rollout(cfg, rows, traj, start):
         state = new_state(m.generator, m.scheduler, mc, window)
         prefill(state, window)
         assert state.next_frame == start
-        x = self_roll(state, window, exit_steps=[STEPS - 1] * (WINDOW // CHUNK), noise_generator=noise)
-    assert x.shape == (1, WINDOW, mc.in_channels, mc.latent_height, mc.latent_width)
-    assert torch.equal(x[0], row.latents[start:start + WINDOW])
+        x = roll(state, window, exit_steps=[STEPS - 1] * (window.num_new // CHUNK), noise_generator=noise)
+    # a window at frame 0 generates all 21 frames, one further in generates 18 after a chunk of context
+    assert x.shape == (1, window.num_new, mc.in_channels, mc.latent_height, mc.latent_width)
+    assert window.num_new == (WINDOW if start == 0 else WINDOW - CHUNK)
+    assert torch.equal(x[0], row.latents[start:start + window.num_new])
     switched = [e.frame for e in state.events]
     assert switched == row.switch_frames  # the switch happened once, in the prefill or in the window
 
@@ -109,6 +118,23 @@ def test_prompts_from_stored_embeddings_pool_like_the_encoder(cfg, rows):
     assert torch.equal(prompts.pooled, encoder.pooled(emb, mask))
 
 
+def test_mid_video_window_scores_a_clip_that_starts_with_a_reencoded_image_latent(cfg, rows, first_frame):
+    """LongLive's streaming long tuning: [one chunk of context | new frames], the context's first latent decoded
+    alone and re-encoded; only the new frames carry the loss."""
+    row = rows[0]
+    window = window_at(row, 12)
+    new = torch.randn(1, window.num_new, *row.latents.shape[1:])
+    clip = scored_clip(window, new, first_frame)
+    assert clip.shape[1] == WINDOW
+    torch.testing.assert_close(clip[:, :1], first_frame(row.latents[None, 9:10]))
+    assert not torch.allclose(clip[:, :1], row.latents[None, 9:10])  # not scored as if it were frame 0 of a clip
+    assert torch.equal(clip[:, 1:CHUNK], row.latents[None, 10:12]) and torch.equal(clip[:, CHUNK:], new)
+    assert window.loss_frames().tolist() == [[False] * CHUNK + [True] * (WINDOW - CHUNK)]
+    start = window_at(row, 0)
+    assert scored_clip(start, new[:, :0].new_zeros(1, WINDOW, *row.latents.shape[1:]), first_frame).shape[1] == WINDOW
+    assert start.loss_frames() is None
+
+
 # ----------------------------------------------------------------------------------------------
 # window layout: start and exit steps, identical on every rank
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +143,8 @@ def test_prompts_from_stored_embeddings_pool_like_the_encoder(cfg, rows):
 def test_window_starts_are_chunk_aligned_and_cover_the_range():
     g = torch.Generator().manual_seed(0)
     starts = {sample_window_start(NUM_FRAMES, WINDOW, CHUNK, g) for _ in range(400)}
-    assert starts == set(range(0, NUM_FRAMES - WINDOW + 1, CHUNK))
+    # frame 0 (21 new frames), or a later chunk start whose 18 new frames fit
+    assert starts == set(window_starts(NUM_FRAMES, WINDOW, CHUNK)) == {0, *range(CHUNK, NUM_FRAMES - 18 + 1, CHUNK)}
     with pytest.raises(InputError, match="window_frames"):
         sample_window_start(18, WINDOW, CHUNK, g)
 
@@ -154,34 +181,40 @@ class ThreadGroup:
         return results
 
 
-def test_exit_steps_and_window_start_agree_across_ranks():
+@pytest.mark.parametrize("same", [True, False], ids=["one-exit-per-window", "one-exit-per-chunk"])
+def test_exit_steps_and_window_start_agree_across_ranks(same):
     rngs = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
     frames = [NUM_FRAMES, 30]  # rank 1 holds a shorter trajectory
+    chunks = (WINDOW - CHUNK) // CHUNK
 
     def draw(rank, sync):
         start = sample_window_start(frames[rank], WINDOW, CHUNK, rngs[rank], sync)
-        return start, draw_exit_steps(WINDOW // CHUNK, STEPS, rngs[rank], broadcast=sync.broadcast)
+        return start, draw_exit_steps(chunks, STEPS, rngs[rank], same=same, broadcast=sync.broadcast)
 
     drawn = ThreadGroup(2).run(draw)
     assert drawn[0] == drawn[1]
     start, exits = drawn[0]
-    assert start <= 30 - WINDOW and start % CHUNK == 0  # within the shortest trajectory of all ranks
-    assert len(exits) == WINDOW // CHUNK and all(0 <= e < STEPS for e in exits)
+    allowed = window_starts(30, WINDOW, CHUNK)  # within the shortest trajectory of all ranks
+    assert start in allowed
+    assert len(exits) == chunks and all(0 <= e < STEPS for e in exits)
+    assert (len(set(exits)) == 1) if same else True  # Self-Forcing same_step_across_blocks
     # what rank 0 drew is what everyone got
     ref = torch.Generator().manual_seed(1)
-    assert start == int(torch.randint((30 - WINDOW) // CHUNK + 1, (1,), generator=ref)) * CHUNK
-    assert exits == torch.randint(STEPS, (WINDOW // CHUNK,), generator=ref).tolist()
+    assert start == allowed[int(torch.randint(len(allowed), (1,), generator=ref))]
+    expected = torch.randint(STEPS, (1 if same else chunks,), generator=ref).expand(chunks).tolist()
+    assert exits == expected
     # rank 1 consumed its own stream alike: its next draws equal those of a fresh stream advanced equally
     ref1 = torch.Generator().manual_seed(2)
-    torch.randint((30 - WINDOW) // CHUNK + 1, (1,), generator=ref1)
-    torch.randint(STEPS, (WINDOW // CHUNK,), generator=ref1)
+    torch.randint(len(allowed), (1,), generator=ref1)
+    torch.randint(STEPS, (1 if same else chunks,), generator=ref1)
     assert torch.equal(torch.rand(3, generator=rngs[1]), torch.rand(3, generator=ref1))
 
 
 def test_every_rank_enters_local_mode_where_any_rank_switches(cfg, rows):
-    """Rank 1's trajectory switches inside the window (chunk 6, frame 30), rank 0's does not (start 18):
-    both ranks enter `local` at that chunk, and entering it changes nothing for rank 0."""
-    row = rows[0]  # switch at 15: in the prefill of a window starting at 18
+    """Rank 1's trajectory switches inside the window (frame 30), rank 0's does not (its switch at 15 is in the
+    prefill of a window generating from 18): both ranks enter `local` at that chunk, and entering it changes
+    nothing for rank 0."""
+    row = rows[0]
     m = models(cfg, 1)
     entered = []
 
@@ -191,9 +224,9 @@ def test_every_rank_enters_local_mode_where_any_rank_switches(cfg, rows):
         yield
 
     window = window_at(row, 18)
-    other_rank_switch = [torch.tensor([0.0, 0, 0, 0, 1, 0, 0])]  # rank 1's switch chunk (30 = 18 + 4 * 3)
+    other_rank_switch = [torch.tensor([0.0, 0, 0, 0, 1, 0])]  # rank 1's switch chunk (30 = 18 + 4 * 3)
     sync = RankSync(reduce_max=lambda t: torch.maximum(t, other_rank_switch[0]), local=local)
-    exits = [STEPS - 1] * (WINDOW // CHUNK)
+    exits = [STEPS - 1] * (window.num_new // CHUNK)
     with torch.no_grad():
         x_sync = rollout_window(m.generator, m.scheduler, cfg.model, window, exit_steps=exits,
                                 noise_generator=torch.Generator().manual_seed(5), sync=sync)
@@ -212,62 +245,77 @@ def _grads(module: torch.nn.Module) -> list[torch.Tensor | None]:
     return [p.grad for p in module.parameters()]
 
 
-def _step_inputs(cfg, row, start):
+def _total(grads) -> float:
+    return sum(float(g.abs().sum()) for g in grads if g is not None)
+
+
+def _step_inputs(cfg, row, seed):
     window = window_from_row(as_batch(row), window_frames=WINDOW, chunk=CHUNK,
-                             generator=torch.Generator().manual_seed(start))
+                             generator=torch.Generator().manual_seed(seed))
     negative = build_text_encoder(cfg.model).encode([cfg.trainer.negative_prompt])[0][0]
     return window, negative
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_generator_loss_reaches_backbone_and_adapter_and_the_grouper_only_in_stage_2(cfg, rows, stage):
+def test_generator_loss_reaches_backbone_memory_and_grouper(cfg, rows, first_frame, stage):
     m = models(cfg, stage)
     window, negative = _step_inputs(cfg, rows[0], 3)
+    assert window.start > 0  # a mid-video window: the context chunk is scored but carries no loss
     g = torch.Generator().manual_seed(0)
     loss, stats = generator_loss(window, generator=m.generator, teacher=m.teacher, critic=m.critic,
                                  scheduler=m.scheduler, model_cfg=cfg.model, trainer_cfg=cfg.trainer,
-                                 negative_embedding=negative, stage=stage, exit_steps=[0, 1, 2, 3, 0, 1, 2],
-                                 generator_rng=g, noise_rng=g)
+                                 negative_embedding=negative, stage=stage, exit_steps=[0, 1, 2, 3, 0, 1][
+                                     :window.num_new // CHUNK], first_frame=first_frame, generator_rng=g, noise_rng=g)
     assert torch.isfinite(loss) and all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     assert stats["slot"] > 0 and stats["dmd"] > 0
+    assert 0 <= stats["slot_mask_coverage"] <= 1 and -1 <= stats["slot_cosine"] <= 1
     # eq. 6 with the parts the memory reports
     assert loss.item() == pytest.approx(stats["dmd"] + cfg.trainer.lambda_slot * stats["slot"], rel=1e-6)
     loss.backward()
     memory = m.generator.memory
     for name, module in (("backbone", m.generator.backbone), ("adapters", memory.writer.adapters),
-                         ("text projection", memory.text_proj)):
+                         ("text projection", memory.text_proj), ("slot attention", memory.writer.grouper.slot_attention),
+                         ("dynamics", memory.writer.grouper.dynamics)):
         grads = _grads(module)
         assert all(g is not None and torch.isfinite(g).all() for g in grads), name
-        assert sum(float(g.abs().sum()) for g in grads) > 0, name
-    grouper = _grads(memory.writer.grouper)
-    if stage == 1:
-        assert all(g is None for g in grouper)
-        assert not any(p.requires_grad for p in memory.writer.grouper.parameters())
-    else:
-        assert sum(float(g.abs().sum()) for g in grouper if g is not None) > 0
+        assert _total(grads) > 0, name
+    # a mid-video window's first chunk starts from the prefill's slots: the learned initialiser is not in the graph
+    assert memory.writer.grouper.initializer.slots.grad is None
+    assert all(g is None for g in _grads(memory.decoder))  # Stage 0 only
     assert all(g is None for g in _grads(m.teacher)) and all(g is None for g in _grads(m.critic))
+    # Stage I freezes the grouper by a zero learning rate (kept in the optimizer so Stage II resumes it)
+    groups = {grp["name"]: grp for grp in parameter_groups(m.generator, cfg.trainer, stage=stage)}
+    assert groups["slot_grouper"]["lr"] == (0.0 if stage == 1 else cfg.trainer.memory_lr)
+    assert (groups["memory"]["lr"], groups["memory"]["weight_decay"]) == (cfg.trainer.memory_lr, 0.0)
+    assert (groups["backbone"]["lr"], groups["backbone"]["weight_decay"]) == (cfg.trainer.lr, cfg.trainer.weight_decay)
 
 
-def test_critic_loss_trains_only_the_critic(cfg, rows):
+def test_critic_loss_trains_only_the_critic(cfg, rows, first_frame):
     m = models(cfg, 1)
     window, _ = _step_inputs(cfg, rows[1], 5)
     g = torch.Generator().manual_seed(1)
     loss, _ = critic_loss(window, generator=m.generator, critic=m.critic, scheduler=m.scheduler, model_cfg=cfg.model,
-                          trainer_cfg=cfg.trainer, exit_steps=[3] * 7, generator_rng=g, noise_rng=g)
+                          trainer_cfg=cfg.trainer, exit_steps=[3] * (window.num_new // CHUNK),
+                          first_frame=first_frame, generator_rng=g, noise_rng=g)
     assert torch.isfinite(loss) and loss > 0
     loss.backward()
     assert all(g is not None and torch.isfinite(g).all() for g in _grads(m.critic))
     assert all(g is None for g in _grads(m.generator)) and all(g is None for g in _grads(m.teacher))
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_slot_loss_parts_add_up_to_eq_7(cfg, rows, stage):
-    m = models(cfg, stage)
-    window = window_at(rows[0], 6)
-    rollout_window(m.generator, m.scheduler, cfg.model, window, exit_steps=[3] * 7,
-                   noise_generator=torch.Generator().manual_seed(2))
-    total, parts = slot_loss_parts(m.generator.memory, stage)
-    expected = parts["slot_con"] + (cfg.memory.rec_weight * parts["slot_rec"] if stage == 2 else 0.0)
-    assert total.item() == pytest.approx(expected, rel=1e-6)
-    assert parts["slot_con"] > 0
-    assert len(m.generator.memory.losses) == 0  # consumed
+def test_stage0_trains_only_the_slot_modules_on_the_windows_own_frames(cfg, rows):
+    m = models(cfg, 0)
+    assert m.teacher is None and m.critic is None
+    window = window_at(rows[0], 12)
+    loss, stats = warmup_loss(window, generator=m.generator, scheduler=m.scheduler, model_cfg=cfg.model,
+                              trainer_cfg=cfg.trainer, noise_rng=torch.Generator().manual_seed(2))
+    assert {"slot_con", "slot_feat", "slot_rec", "slot_cosine", "slot_mask_coverage"} <= set(stats)
+    assert loss.item() == pytest.approx(stats["slot_con"] + cfg.trainer.stage0_rec_weight * stats["slot_feat"],
+                                        rel=1e-5)
+    loss.backward()
+    memory = m.generator.memory
+    for module in (memory.writer, memory.decoder):
+        assert _total(_grads(module)) > 0
+    assert not any(p.requires_grad for p in (*m.generator.backbone.parameters(), *memory.text_proj.parameters()))
+    groups = parameter_groups(m.generator, cfg.trainer, stage=0)
+    assert {grp["name"] for grp in groups} == {"memory", "slot_grouper"}
