@@ -30,7 +30,7 @@ import torch
 
 from cluster.storage import Storage, fetch_weights, latest_policy_version
 from model.weights import load_state_dict_file
-from rollout.components import build_components
+from rollout.components import Components, build_components
 from rollout.shards import TrajectoryRow, write_shard
 from rollout.streaming import encode_prompts, generate
 from slotmem.config import MemoryConfig, ModelConfig, RolloutConfig
@@ -108,6 +108,33 @@ class RolloutActor:
             if old != path.parent:
                 shutil.rmtree(old, ignore_errors=True)
         return time.perf_counter() - t0
+
+    # -- sample videos -------------------------------------------------------------------------
+
+    def render_sample(self, cfg_dict: dict, *, prompts: list[str], switch_frames: list[int], num_frames: int,
+                      seed: int, name: str) -> dict:
+        """Render a video with the newest published policy and publish it (mp4 + JSON sidecar) under
+        {root}/{experiment}/samples/ (the pipeline's sample runs here, on a rollout GPU, never on the head)."""
+        from model.vae import build_vae
+        from rollout.generate import render_video
+        from rollout.video import sidecar_path
+        from slotmem.config import build_config
+
+        self.sync_weights()
+        cfg = build_config(cfg_dict)
+        if not hasattr(self, "_vae"):
+            self._vae = build_vae(self.model_cfg, self.device, torch.float32)
+        comps = Components(self.generator, self.scheduler, self.text_encoder, self.device)
+        with tempfile.TemporaryDirectory(prefix="slotmem-sample-") as d:
+            video = Path(d) / f"{name}.mp4"
+            meta = render_video(cfg, prompts=prompts, switch_frames=switch_frames, num_frames=num_frames, seed=seed,
+                                output=video, progress=False, components=comps, vae=self._vae,
+                                extra_meta={"policy_version": self.policy_version})
+            uris = {}
+            for path in (video, sidecar_path(video)):
+                self.storage.upload_file(path, self.storage.path("samples", path.name))
+                uris[path.suffix.lstrip(".")] = self.storage.uri(self.storage.path("samples", path.name))
+        return {"meta": meta, "uris": uris, "policy_version": self.policy_version}
 
     # -- the role -----------------------------------------------------------------------------
 

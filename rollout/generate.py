@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rollout.components import build_components
+from rollout.components import Components, build_components
 from rollout.prompts import load_interactive_script, resolve_switch_frames
 from rollout.streaming import encode_prompts, generate
 from rollout.video import write_mp4, write_sidecar
@@ -31,19 +31,25 @@ def parse_switch_frames(text: str | None) -> list[int] | None:
 
 def render_video(cfg: Config, *, prompts: list[str], switch_frames: list[int], num_frames: int, seed: int,
                  output: str | Path, device: str | None = None, policy_path: str | None = None,
-                 progress: bool = True, extra_meta: dict | None = None) -> dict:
-    """Generate, decode with the VAE and write ``output`` (mp4) + sidecar; returns the sidecar dict."""
+                 progress: bool = True, extra_meta: dict | None = None, components: Components | None = None,
+                 vae=None) -> dict:
+    """Generate, decode with the VAE and write ``output`` (mp4) + sidecar; returns the sidecar dict.
+
+    components / vae: already built ones (a rollout actor renders the pipeline's sample with its own policy);
+    otherwise they are built from cfg (+ policy_path).
+    """
     from model.vae import build_vae
 
     t0 = time.perf_counter()
-    comps = build_components(cfg.model, cfg.memory, device=device, seed=cfg.trainer.seed, policy_path=policy_path)
+    comps = components or build_components(cfg.model, cfg.memory, device=device, seed=cfg.trainer.seed,
+                                           policy_path=policy_path)
     gen = comps.generator
     encoded = encode_prompts(comps.text_encoder, prompts)
     t_build = time.perf_counter() - t0
     result = generate(gen.backbone, gen.memory, comps.scheduler, cfg.model, encoded, num_frames=num_frames,
                       switch_frames=switch_frames, seed=seed, device=comps.device, progress=progress)
     t_gen = time.perf_counter() - t0 - t_build
-    vae = build_vae(cfg.model, comps.device, torch.float32)
+    vae = vae or build_vae(cfg.model, comps.device, torch.float32)
     with torch.no_grad():  # decode latent frame by latent frame straight into the encoder: flat memory
         pieces = (piece[0] for piece in vae.decode_iter(result.latents.float(), progress=progress))  # [t, H, W, 3]
         out = write_mp4(output, pieces, fps=cfg.rollout.fps)

@@ -2,7 +2,8 @@
 FailureConfig from the latest checkpoint, and the stage ends with every step run exactly once after it.
 
 (Rollout actors killed mid-round: tests/rollout/test_round.py; a killed pipeline driver resuming:
-tests/cluster/test_pipeline.py; S3 outages retried: tests/cluster/test_storage.py.)
+tests/loop/test_pipeline.py; a lost rollout node: tests/loop/test_multinode.py; S3 outages retried:
+tests/cluster/test_storage.py.)
 """
 
 import os
@@ -16,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from cluster.storage import resolve_storage
 from slotmem.config import load_config
 from tests.fixtures_data import make_committed_round
-from trainer.job import run_stage
+from trainer.driver import run_stage
 
 
 def _parent(pid: int) -> int:
@@ -50,19 +51,19 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_trainer_worker_killed_mid_stage_resumes_from_latest_checkpoint(ray_cluster, tmp_path, repo_root):
-    cfg = load_config(f"{repo_root}/configs/tiny.yaml", [
+    cfg = load_config(f"{repo_root}/configs/tiny-random.yaml", [
         f"storage.root={tmp_path}", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
         "tracking.system_metrics=false", "rollout.num_frames=48", "rollout.switch_frames=[24]",
-        "rollout.switch_choices=[21]", "trainer.stage1_steps=4", "trainer.checkpoint_every=1",
-        "cluster.max_failures=1"])
+        "rollout.switch_choices=[21]", "pipeline.mode=sequential", "trainer.stage0_steps=0",
+        "trainer.stage1_steps=20", "trainer.checkpoint_every=5", "cluster.max_failures=1"])
     storage = resolve_storage(cfg.storage)
     make_committed_round(cfg, storage, 0, 4, 48)
     # Ray Train's controller lists the checkpoints it has registered in this snapshot; a checkpoint
     # directory alone may not be registered yet (then a restart would rightly start from scratch).
-    snapshot = Path(storage.checkpoints_dir()) / "slotmem-tiny-stage1" / "checkpoint_manager_snapshot.json"
+    snapshot = Path(storage.checkpoints_dir()) / "slotmem-tiny-random-stage1" / "checkpoint_manager_snapshot.json"
     registered = lambda: snapshot.exists() and "checkpoint_step00000005" in snapshot.read_text()  # noqa: E731
     out: dict = {}
-    thread = threading.Thread(target=lambda: out.setdefault("result", run_stage(cfg, 1, round_indices=[0])))
+    thread = threading.Thread(target=lambda: out.setdefault("result", run_stage(cfg, 1)))
     thread.start()
     deadline = time.time() + 240
     while not registered() and thread.is_alive() and time.time() < deadline:
@@ -82,7 +83,7 @@ def test_trainer_worker_killed_mid_stage_resumes_from_latest_checkpoint(ray_clus
     resumed_from = int(client.get_run(result.mlflow_run_id).data.tags["resumed_from_step"])
     assert 5 <= resumed_from < 20
     seen: dict[int, int] = {}
-    for m in client.get_metric_history(result.mlflow_run_id, "rows_consumed"):
+    for m in client.get_metric_history(result.mlflow_run_id, "loss/critic"):
         seen[m.step] = seen.get(m.step, 0) + 1
     assert sorted(seen) == list(range(20))
     assert all(seen[s] == 1 for s in range(resumed_from)), seen

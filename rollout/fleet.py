@@ -1,0 +1,156 @@
+"""The long-lived rollout fleet of a pipeline: one actor group from the first stage to the sample video.
+
+    continuous  a background thread commits small rounds one after the other (rollout/round.py
+                roll_out_round) while the trainer runs; actors load the newest published policy between
+                trajectories, so every round is near on-policy. Back-pressure (OpenRLHF's async queue): the
+                trainer's rank 0 reports to ``ReplayDemand`` how many fresh rows it has not trained on yet, and the
+                fleet pauses while that reaches pipeline.rows_ahead.
+    sequential  ``roll_out(n)`` commits n rounds in the caller's thread; the actors idle while training runs
+                (the pipeline's old shape, kept for bench/loop.py).
+
+Actors that die or stop answering (a lost node) leave the group and their trajectories run on the others
+(rollout/round.py dispatch); committed rounds are never touched again. The fleet's own numbers (rounds,
+trajectories, the share of actor time spent idle) are logged once per ``LOG_EVERY_S`` and in ``stats``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from cluster.storage import Storage
+from rollout.round import RolloutActorGroup, RoundResult, roll_out_round, start_group
+from rollout.shards import committed_rounds
+from slotmem.config import Config
+
+LOG_EVERY_S = 30.0
+PAUSE_S = 0.25
+
+
+@ray.remote(num_cpus=0)
+class ReplayDemand:
+    """How many fresh, untrained rows the trainer has (reported by its rank 0 planner), for back-pressure."""
+
+    def __init__(self):
+        self.fresh_unused: int | None = None
+
+    def report(self, fresh_unused: int) -> None:
+        self.fresh_unused = int(fresh_unused)
+
+    def get(self) -> int | None:
+        return self.fresh_unused
+
+
+@dataclass
+class FleetStats:
+    rounds: int = 0
+    trajectories: int = 0
+    busy_s: float = 0.0
+    paused_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    results: list[RoundResult] = field(default_factory=list)
+
+    def idle_fraction(self, num_actors: int) -> float:
+        wall = (time.perf_counter() - self.started) * max(num_actors, 1)
+        return max(0.0, 1.0 - self.busy_s / wall) if wall > 0 else 0.0
+
+
+class RolloutFleet:
+    def __init__(self, cfg: Config, storage: Storage, *, log=print):
+        self.cfg = cfg
+        self.storage = storage
+        self.log = log
+        self.group: RolloutActorGroup | None = None
+        self.stats = FleetStats()
+        self.demand = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._next_round = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> "RolloutFleet":
+        self.group, ready, startup_s = start_group(self.cfg, self.storage, "fleet")
+        where = ", ".join(f"{r['actor_id']}@{r['host']}:{r['device']}" for r in ready)
+        self.log(f"[rollout] fleet of {len(self.group)} actor(s) up in {startup_s:.1f} s ({where})")
+        done = committed_rounds(self.storage)
+        self._next_round = done[-1] + 1 if done else 0
+        self.stats = FleetStats()
+        return self
+
+    def start_continuous(self) -> "RolloutFleet":
+        """Commit rounds in the background until ``stop``; the trainer's demand paces it."""
+        self.demand = ReplayDemand.remote()
+        self._thread = threading.Thread(target=self._loop, name="rollout-fleet", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop committing (an in-flight round is abandoned: it was never committed) and free the actors."""
+        self._stop.set()
+        if self.group is not None:
+            self.group.shutdown()  # unblocks a dispatch waiting on the actors
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        self.group = None
+
+    def check(self) -> None:
+        """Raise the background loop's error, if it failed."""
+        if self.error is not None:
+            raise RuntimeError(f"the rollout fleet stopped: {self.error}") from self.error
+
+    # -- rounds -------------------------------------------------------------------------------
+
+    def roll_out(self, num_rounds: int) -> list[RoundResult]:
+        """Commit `num_rounds` rounds now, in this thread (sequential mode)."""
+        return [self._one_round() for _ in range(num_rounds)]
+
+    def _one_round(self) -> RoundResult:
+        k = self._next_round
+        result = roll_out_round(self.group, self.cfg, self.storage, k)
+        self._next_round = k + 1
+        self.stats.rounds += 1
+        self.stats.trajectories += result.num_trajectories
+        self.stats.busy_s += result.busy_s
+        self.stats.results.append(result)
+        return result
+
+    def _wanted(self) -> bool:
+        """Back-pressure: fewer than pipeline.rows_ahead fresh rows wait for the trainer (before its first report,
+        the rows this fleet committed count as waiting)."""
+        ahead = self.cfg.pipeline.rows_ahead
+        if not ahead or self.demand is None:
+            return True
+        fresh = ray.get(self.demand.get.remote())
+        return (self.stats.trajectories if fresh is None else fresh) < ahead
+
+    def _loop(self) -> None:
+        last_log = time.perf_counter()
+        try:
+            while not self._stop.is_set():
+                if not self._wanted():
+                    time.sleep(PAUSE_S)
+                    self.stats.paused_s += PAUSE_S
+                    continue
+                result = self._one_round()
+                if time.perf_counter() - last_log > LOG_EVERY_S:
+                    last_log = time.perf_counter()
+                    self.log(f"[rollout] {self.stats.rounds} rounds, {self.stats.trajectories} trajectories so far "
+                             f"(round {result.round}: policy v{result.policy_versions}, {len(self.group.live)} live "
+                             f"actors), actors idle {100 * self.stats.idle_fraction(len(self.group.live)):.0f}%")
+        except BaseException as e:  # noqa: BLE001 - reported to the pipeline through check()
+            if not self._stop.is_set():
+                self.error = e
+
+    # -- the sample video ------------------------------------------------------------------------
+
+    def render(self, *, prompts: list[str], switch_frames: list[int], num_frames: int, seed: int, name: str) -> dict:
+        """Render a sample on a live rollout actor with the newest policy; returns its sidecar and URIs."""
+        index = min(self.group.live)
+        return ray.get(self.group.actors[index].render_sample.remote(
+            self.cfg.to_dict(), prompts=prompts, switch_frames=switch_frames, num_frames=num_frames, seed=seed,
+            name=name))
