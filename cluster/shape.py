@@ -88,6 +88,21 @@ class ClusterShape:
         combine = (lambda a, b: a + b) if concurrent else max
         return {k: combine(rollout.get(k, 0.0), train.get(k, 0.0)) for k in keys}
 
+    def only(self, role: str) -> "ClusterShape":
+        """The shape of one role alone ('rollout' or 'train'), for jobs that run only that part."""
+        import dataclasses
+
+        return dataclasses.replace(self, num_trainer_workers=0) if role == "rollout" else dataclasses.replace(
+            self, num_rollout_actors=0)
+
+    def bundles(self, concurrent: bool = True) -> list[dict[str, float]]:
+        """One resource bundle per process (what the autoscaler is asked for)."""
+        actors = [self.actor_resources()] * self.num_rollout_actors
+        workers = [self.worker_resources()] * self.num_trainer_workers
+        if concurrent:
+            return actors + workers
+        return actors if len(actors) >= len(workers) else workers
+
     def describe(self) -> str:
         return (f"{self.num_rollout_actors} rollout actor(s) × ({_fmt(self.gpus_per_actor)} GPU, "
                 f"{_fmt(self.cpus_per_actor)} CPU); {self.num_trainer_workers} trainer worker(s) × "

@@ -3,9 +3,11 @@
 ``resolve_storage(storage_cfg)`` turns ``storage.root`` into a ``Storage``: a pyarrow filesystem
 plus the base path under it. A local path or ``file://`` URI gives ``LocalFileSystem`` with an
 absolute path; ``s3://bucket/prefix`` gives ``S3FileSystem`` with the endpoint from
-``storage.s3_endpoint`` or ``$AWS_ENDPOINT_URL(_S3)`` (MinIO, moto) and credentials from
-``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` (unset = the AWS default
-chain, e.g. an instance profile). Credentials never appear in a repr, a log line or an error.
+``storage.s3_endpoint`` or ``$AWS_ENDPOINT_URL(_S3)`` (MinIO, moto). Credentials are never handed to it:
+every process finds its own through the AWS SDK's default chain (environment of the node, a mounted
+shared-credentials file, IRSA web identity, the EC2 instance profile), which also refreshes expiring STS
+tokens. So nothing secret is ever pickled with a ``Storage`` (it pickles as its config and is resolved again
+where it lands), put in a repr, a log line or an error.
 
 Layout under the root (DESIGN §4):
 
@@ -85,6 +87,8 @@ class Storage:
     """
 
     fs: pafs.FileSystem = field(repr=False)
+    config: StorageConfig = field(repr=False)
+    """What it was resolved from: a Storage pickles as this and is resolved again by the receiving process."""
     root: str
     """Filesystem path of storage.root."""
     experiment: str
@@ -96,6 +100,20 @@ class Storage:
 
     def __repr__(self) -> str:
         return f"Storage({self.uri(self.base)!r}, retries={self.retries})"
+
+    def __reduce__(self):
+        # resolved again on the other side: the receiving node's own credential chain and endpoint settings
+        return resolve_storage, (self.config,)
+
+    def checkpoint_filesystem(self) -> pafs.FileSystem:
+        """The filesystem Ray Train writes checkpoints through: it retries on its own (the SDK's standard retry
+        strategy with storage.retries * 3 attempts, kept when Ray ships it to the workers: cluster/retrying_fs.py),
+        since Ray calls it without Storage.retry around it."""
+        if self.is_local:
+            return self.fs
+        from cluster.retrying_fs import retrying_s3_filesystem
+
+        return retrying_s3_filesystem(self.config, attempts=3 * self.retries)
 
     # -- layout --------------------------------------------------------------------------------
 
@@ -147,6 +165,23 @@ class Storage:
                             what, attempt, self.retries, delay, e)
                 time.sleep(delay)
         raise AssertionError("unreachable")
+
+    def check_writable(self) -> None:
+        """Write and delete a probe under the experiment; InputError (one line) when the root cannot be written."""
+        probe = self.path(f".probe-{uuid.uuid4().hex[:12]}")
+        try:
+            self.write_bytes(probe, b"slotmem")
+            self.retry(f"delete {self.uri(probe)}", lambda: self.fs.delete_file(probe))
+        except OSError as e:
+            text = str(e)
+            bucket = self.root.split("/", 1)[0]
+            if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text or "bucket does not exist" in text:
+                raise InputError(f"storage.root {self.uri(self.root)}: the bucket {bucket!r} does not exist (create it "
+                                 f"first, e.g. `aws s3 mb s3://{bucket}`)") from None
+            if isinstance(e, PermissionError) or "ACCESS_DENIED" in text or "AccessDenied" in text:
+                raise InputError(f"storage.root {self.uri(self.root)} is not writable here ({type(e).__name__}): "
+                                 "check its permissions, or the credentials of this node") from None
+            raise InputError(f"storage.root {self.uri(self.root)} cannot be written: {text.splitlines()[0]}") from None
 
     def info(self, path: str) -> pafs.FileInfo:
         return self.retry(f"stat {self.uri(path)}", lambda: self.fs.get_file_info(path))
@@ -266,11 +301,11 @@ def resolve_storage(storage_cfg: StorageConfig, environ: dict[str, str] | None =
         if root.startswith("file://") and not local.startswith("/"):
             raise InputError(f"storage.root {root!r}: a file:// URI needs an absolute path (file:///abs/dir)")
         fs, base, scheme = pafs.LocalFileSystem(), str(Path(local).expanduser().absolute()), "file"
-    return Storage(fs=fs, root=base.rstrip("/") or "/", experiment=storage_cfg.experiment, scheme=scheme,
-                   retries=storage_cfg.retries)
+    return Storage(fs=fs, config=storage_cfg, root=base.rstrip("/") or "/", experiment=storage_cfg.experiment,
+                   scheme=scheme, retries=storage_cfg.retries)
 
 
-def _s3_filesystem(storage_cfg: StorageConfig, env) -> tuple[pafs.S3FileSystem, str]:
+def _s3_filesystem(storage_cfg: StorageConfig, env, attempts: int = 1) -> tuple[pafs.S3FileSystem, str]:
     bucket_and_prefix = storage_cfg.root[len("s3://"):].strip("/")
     bucket = bucket_and_prefix.split("/", 1)[0]
     if not 3 <= len(bucket) <= 63:
@@ -285,10 +320,9 @@ def _s3_filesystem(storage_cfg: StorageConfig, env) -> tuple[pafs.S3FileSystem, 
     if bool(key) != bool(secret):
         missing = "AWS_SECRET_ACCESS_KEY" if key else "AWS_ACCESS_KEY_ID"
         raise InputError(f"S3 credentials: {missing} is not set but its partner is; set both or neither")
-    if key:
-        kwargs.update(access_key=key, secret_key=secret, session_token=env.get("AWS_SESSION_TOKEN") or None)
-    # One attempt per call: Storage.retry owns the retries (module docstring).
-    fs = pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1), **kwargs)
+    # No credentials passed: the SDK's default chain finds them in every process (module docstring). Storage.retry
+    # owns the retries of our own calls (one SDK attempt each); Ray Train's checkpoint filesystem retries itself.
+    fs = pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **kwargs)
     return fs, bucket_and_prefix
 
 

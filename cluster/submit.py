@@ -1,19 +1,25 @@
-"""`slotmem submit | status | logs`: run slotmem commands on a Ray cluster through the Jobs API.
+"""`slotmem submit`: run a slotmem command on a Ray cluster through the Jobs API.
 
 ``slotmem submit --address http://HEAD:8265 --config configs/wan2.1-1.3b.yaml -- pipeline`` uploads
-the repository as the job's ``working_dir`` (without .git, runs/, .venv/, mlruns/, caches), forwards
-the caller's MLflow and S3 settings as ``env_vars`` and runs ``slotmem pipeline --config
-configs/wan2.1-1.3b.yaml`` on the head node. Ray puts the uploaded working_dir first on the job's
-PYTHONPATH, so the cluster's installed ``slotmem`` (ray_cluster.yaml setup_commands) runs the
-submitted code. Secrets are passed through but never printed: output shows variable names only,
-and the equivalent ``ray job submit`` line refers to them as ``$NAME``.
+the repository as the job's ``working_dir`` (without .git, runs/, .venv/, mlruns/, caches) and runs
+``slotmem pipeline --config configs/wan2.1-1.3b.yaml`` on the head node. Ray puts the uploaded working_dir first
+on the job's PYTHONPATH, so the cluster's installed ``slotmem`` (the image, or ray_cluster.yaml's setup commands)
+runs the submitted code.
 
-The Jobs API is served by the Ray dashboard, which needs ``ray[default]`` on the head.
+No secret leaves the caller's machine: a runtime_env is visible to anyone with dashboard access and is stored in
+the GCS, and the caller's STS tokens would expire mid-run anyway. The cluster's nodes find their own credentials
+(instance profile, IRSA, mounted secrets: the AWS and MLflow default chains). What is forwarded is
+configuration, as ``--set`` overrides on the entrypoint: the caller's ``$MLFLOW_TRACKING_URI`` (refused when it
+embeds credentials) and ``$AWS_ENDPOINT_URL`` unless the config or --set already sets them, and the git commit of
+the checkout (``SLOTMEM_GIT_COMMIT``, the one env var, since the uploaded working_dir has no .git). Secret-looking
+variables in the caller's environment are named in one line as not forwarded.
+
+The Jobs API is served by the Ray dashboard, which needs ``ray[default]`` on the head. With Ray's token
+authentication on, export the head's token first (``RAY_AUTH_TOKEN``, see cluster/runtime.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shlex
@@ -22,22 +28,19 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
+from cluster.mlflow_names import GIT_COMMIT_ENV, git_commit
 from slotmem.errors import InputError
 
 # Patterns (gitignore syntax, relative to the working_dir) never uploaded with a job.
 WORKING_DIR_EXCLUDES = (".git", ".venv/", "runs/", "mlruns/", "__pycache__/", "*.egg-info/", ".pytest_cache/",
                         "*.mp4")
-# Environment forwarded to the job when set in the caller's environment.
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                 "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_S3_ENDPOINT_URL",
-                 "MLFLOW_S3_IGNORE_TLS")
-FORWARDED_ENV_PREFIXES = ("AWS_", "S3_")
-# AWS variables that name files or profiles on the caller's machine: meaningless on the cluster,
-# and forwarding them would break the nodes' own credential chain.
-NOT_FORWARDED = frozenset({"AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
-                           "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CA_BUNDLE"})
+# Caller settings forwarded as config overrides when the config does not set the field: (env var, field).
+FORWARDED_SETTINGS = (("MLFLOW_TRACKING_URI", "tracking.tracking_uri"), ("AWS_ENDPOINT_URL", "storage.s3_endpoint"),
+                      ("AWS_ENDPOINT_URL_S3", "storage.s3_endpoint"))
+# Caller variables that are credentials: never forwarded, named in the "not forwarded" line.
+SECRET_ENV_PREFIXES = ("AWS_", "MLFLOW_TRACKING_", "S3_", "RAY_AUTH_TOKEN")
+SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD", "KEY", "SESSION", "CREDENTIAL")
 JOB_COMMANDS = ("pipeline", "rollout", "train", "generate", "config", "runs")
-MASK = "***"
 
 
 def repo_root() -> Path:
@@ -49,27 +52,37 @@ def repo_root() -> Path:
     return root
 
 
-def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The caller's MLflow / AWS / S3 variables that the job needs."""
-    return {k: v for k, v in sorted(environ.items())
-            if (k in FORWARDED_ENV or k.startswith(FORWARDED_ENV_PREFIXES)) and k not in NOT_FORWARDED}
+def forwarded_settings(environ: Mapping[str, str], cfg) -> list[str]:
+    """`--set` overrides for the caller's tracking URI and S3 endpoint, where the config leaves them empty."""
+    from cluster.mlflow_names import mask_uri
 
-
-def build_runtime_env(root: Path, environ: Mapping[str, str]) -> dict[str, Any]:
-    """runtime_env of a submitted job: the repo as working_dir + forwarded env vars."""
-    env: dict[str, Any] = {"working_dir": str(root), "excludes": list(WORKING_DIR_EXCLUDES)}
-    env_vars = forwarded_env(environ)
-    if env_vars:
-        env["env_vars"] = env_vars
-    return env
-
-
-def masked(runtime_env: dict[str, Any]) -> dict[str, Any]:
-    """A copy safe to print: every env var value replaced by ***."""
-    out = dict(runtime_env)
-    if "env_vars" in out:
-        out["env_vars"] = {k: MASK for k in out["env_vars"]}
+    out, done = [], set()
+    for var, field in FORWARDED_SETTINGS:
+        value = environ.get(var, "")
+        section, name = field.split(".")
+        if not value or field in done or (cfg is not None and getattr(getattr(cfg, section), name)):
+            continue
+        if var == "MLFLOW_TRACKING_URI" and mask_uri(value) != value:
+            raise InputError(f"$MLFLOW_TRACKING_URI {mask_uri(value)} carries credentials, which `slotmem submit` "
+                             "never sends to a cluster: give the nodes MLFLOW_TRACKING_USERNAME/PASSWORD (or a token) "
+                             "as mounted secrets and use a URI without them")
+        out.append(f"{field}={value}")
+        done.add(field)
     return out
+
+
+def withheld_secrets(environ: Mapping[str, str]) -> list[str]:
+    """Names of the caller's credential variables (they stay on this machine)."""
+    return sorted(k for k in environ if k.startswith(SECRET_ENV_PREFIXES) and any(w in k for w in SECRET_WORDS)
+                  and not k.endswith(("_FILE", "_PATH")))
+
+
+def build_runtime_env(root: Path, commit: str | None) -> dict[str, Any]:
+    """runtime_env of a submitted job: the repo as working_dir, and the commit it was submitted from."""
+    env: dict[str, Any] = {"working_dir": str(root), "excludes": list(WORKING_DIR_EXCLUDES)}
+    if commit:
+        env["env_vars"] = {GIT_COMMIT_ENV: commit}
+    return env
 
 
 def build_entrypoint(job: list[str], config: str | None, overrides: list[str], root: Path) -> list[str]:
@@ -113,99 +126,64 @@ def _relative_config(path: str, root: Path) -> str:
                          f"{root} (e.g. configs/) so the job can read it") from None
 
 
+def check_storage_root(entrypoint: list[str], root: Path) -> None:
+    """A submitted job runs in a temporary copy of the working_dir: a relative storage root would put its shards,
+    checkpoints and sample there (and a resubmission would not find them). One line instead."""
+    from slotmem.config import load_config
+
+    if entrypoint[1] not in ("pipeline", "rollout", "train"):
+        return
+    config, sets = None, []
+    for i, tok in enumerate(entrypoint):
+        if tok in ("--config", "-c") and i + 1 < len(entrypoint):
+            config = str(root / entrypoint[i + 1])
+        elif tok.startswith("--config="):
+            config = str(root / tok.split("=", 1)[1])
+        elif tok == "--set" and i + 1 < len(entrypoint):
+            sets.append(entrypoint[i + 1])
+    cfg = load_config(config, sets)
+    value = cfg.storage.root
+    if "://" not in value and not Path(value).is_absolute():
+        raise InputError(f"storage.root {value!r} is relative: a submitted job runs in a temporary copy of the "
+                         "working_dir, so its outputs would land there and a resubmission would not find them; "
+                         "use s3://bucket/prefix (or an absolute path every node shares)")
+
+
 def ray_job_submit_command(address: str, submission_id: str, runtime_env: dict[str, Any],
                            entrypoint: list[str]) -> str:
-    """The equivalent `ray job submit` line; env values appear as $NAME for the shell to expand."""
+    """The equivalent `ray job submit` line (nothing in it is secret)."""
     env = {k: v for k, v in runtime_env.items() if k != "working_dir"}
-    if "env_vars" in env:
-        env["env_vars"] = {k: f"${k}" for k in env["env_vars"]}
-    env_json = json.dumps(env, separators=(",", ":")).replace('"', '\\"')
     return (f"ray job submit --address {shlex.quote(address)} --submission-id {shlex.quote(submission_id)} "
-            f"--working-dir {shlex.quote(runtime_env['working_dir'])} --runtime-env-json \"{env_json}\" -- "
-            f"{shlex.join(entrypoint)}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Jobs API client
-# ----------------------------------------------------------------------------------------------
-
-
-def _client(address: str):
-    from ray.job_submission import JobSubmissionClient
-
-    if not address.startswith(("http://", "https://")):
-        raise InputError(f"--address {address!r}: expected the dashboard URL, e.g. http://HEAD:8265")
-    try:
-        return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise InputError(f"cannot reach the Ray Jobs API at {address} (is the head's dashboard up, with "
-                         f"ray[default] installed?): {e}") from None
-
-
-def _call(what: str, fn):
-    try:
-        return fn()
-    except RuntimeError as e:  # the SDK raises RuntimeError for HTTP errors, e.g. 404 unknown job
-        raise InputError(f"{what}: {e}") from None
+            f"--working-dir {shlex.quote(runtime_env['working_dir'])} --runtime-env-json "
+            f"{shlex.quote(json.dumps(env, separators=(',', ':')))} -- {shlex.join(entrypoint)}")
 
 
 def main_submit(args, cfg) -> int:
     """Submit `args.job` as a Ray job; follow its logs unless --no-wait. Exit code mirrors the job."""
+    from cluster.jobs import client_for, follow
+
     root = repo_root()
-    entrypoint = build_entrypoint(args.job, args.config, args.overrides, root)
-    runtime_env = build_runtime_env(root, os.environ)
-    submission_id = f"slotmem-{entrypoint[1]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    client = _client(args.address)
-    job_id = _call("submit", lambda: client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env,
-                                                       submission_id=submission_id))
-    names = ", ".join(f"{k}={MASK}" for k in runtime_env.get("env_vars", {})) or "none"
+    overrides = list(args.overrides)
+    given = {o.split("=", 1)[0] for o in overrides}
+    overrides += [o for o in forwarded_settings(os.environ, cfg) if o.split("=", 1)[0] not in given]
+    entrypoint = build_entrypoint(args.job, args.config, overrides, root)
+    check_storage_root(entrypoint, root)
+    runtime_env = build_runtime_env(root, git_commit())
+    submission_id = args.submission_id or (
+        f"slotmem-{entrypoint[1]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    client = client_for(args.address)
+    job_id = client.call("submit", lambda c: c.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env,
+                                                          submission_id=submission_id))
     print(f"submitted job {job_id} to {args.address}")
     print(f"  entrypoint: {shlex.join(entrypoint)}")
     print(f"  working_dir: {root} (excludes {', '.join(WORKING_DIR_EXCLUDES)})")
-    print(f"  env vars passed (values masked): {names}")
+    withheld = withheld_secrets(os.environ)
+    if withheld:
+        print(f"  not forwarded (the cluster uses its own credentials): {', '.join(withheld)}")
     print(f"  equivalent: {ray_job_submit_command(args.address, job_id, runtime_env, entrypoint)}")
     if args.no_wait:
-        print(f"follow it with: slotmem logs {job_id} --address {args.address}")
+        print(f"watch it:  slotmem status {job_id} --address {args.address}   "
+              f"(logs: slotmem logs {job_id} --address {args.address} --follow)")
+        print(f"stop it:   slotmem stop {job_id} --address {args.address}")
         return 0
-    return _follow(client, job_id, args.address)
-
-
-def _follow(client, job_id: str, address: str) -> int:
-    from ray.job_submission import JobStatus
-
-    async def tail():
-        async for lines in client.tail_job_logs(job_id):
-            print(lines, end="", flush=True)
-
-    try:
-        asyncio.run(tail())
-        status = client.get_job_status(job_id)
-        while not status.is_terminal():  # the log stream can close a moment before the status flips
-            time.sleep(0.5)
-            status = client.get_job_status(job_id)
-    except KeyboardInterrupt:
-        print(f"\nstopped following; job {job_id} keeps running. `slotmem status {job_id} --address {address}`")
-        return 130
-    message = (client.get_job_info(job_id).message or "").strip()
-    reason = ""
-    if status != JobStatus.SUCCEEDED and message:
-        # the message goes on with the log tail, which was just printed
-        reason = ": " + message.splitlines()[0].split(", last available logs")[0]
-    print(f"job {job_id} {status.value}{reason}")
-    return 0 if status == JobStatus.SUCCEEDED else 1
-
-
-def main_status(args, cfg) -> int:
-    client = _client(args.address)
-    info = _call(f"job {args.job_id}", lambda: client.get_job_info(args.job_id))
-    print(f"{args.job_id}: {info.status.value}")
-    if info.message:
-        print(f"  {info.message}")
-    print(f"  entrypoint: {info.entrypoint}")
-    return 0
-
-
-def main_logs(args, cfg) -> int:
-    client = _client(args.address)
-    print(_call(f"job {args.job_id}", lambda: client.get_job_logs(args.job_id)), end="")
-    return 0
+    return follow(client, job_id)

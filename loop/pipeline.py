@@ -25,10 +25,14 @@ import json
 import time
 from dataclasses import dataclass, field
 
+from cluster.control import STOPPED_LINE, Control
+from cluster.preflight import preflight
 from cluster.runtime import connect
 from cluster.storage import Storage, resolve_storage
-from cluster.tracking import METRIC_FRAMES_PER_S, Tracker, stage_run_name
+from cluster.mlflow_names import METRIC_FRAMES_PER_S, resolve_tracking_uri, stage_run_name
+from cluster.tracking import Tracker
 from slotmem.config import Config, check_weights
+from slotmem.errors import JobStopped
 from trainer.schedule import stage_steps
 
 STATE_FILE = "pipeline_state.json"
@@ -45,24 +49,37 @@ SAMPLE_PROMPTS = [
 
 @dataclass
 class PipelineState:
-    """Completed phases and what they produced; persisted after every phase."""
+    """Completed phases and what they produced, and the MLflow parent run; persisted after every change.
+
+    The parent run id lives here, under the storage root, rather than being looked up by name: two pipelines with
+    the same experiment name on different roots (or a rerun after deleting the root) never share a run tree."""
 
     done: dict[str, dict] = field(default_factory=dict)
+    parent_run_id: str | None = None
 
     @classmethod
     def load(cls, storage: Storage) -> "PipelineState":
         path = storage.path(STATE_FILE)
         if not storage.exists(path):
             return cls()
-        return cls(done=storage.read_json(path).get("done", {}))
+        data = storage.read_json(path)
+        return cls(done=data.get("done", {}), parent_run_id=data.get("parent_run_id"))
 
     def mark(self, storage: Storage, phase: str, result: dict) -> None:
         self.done[phase] = result
-        storage.write_json(storage.path(STATE_FILE), {"done": self.done})
+        self._save(storage)
+
+    def set_parent(self, storage: Storage, run_id: str | None) -> None:
+        if run_id is not None and run_id != self.parent_run_id:
+            self.parent_run_id = run_id
+            self._save(storage)
+
+    def _save(self, storage: Storage) -> None:
+        storage.write_json(storage.path(STATE_FILE), {"done": self.done, "parent_run_id": self.parent_run_id})
 
 
 def _stage_phase(cfg: Config, storage: Storage, state: PipelineState, stage: int, parent_run_id: str | None,
-                 fleet) -> dict:
+                 fleet, control: Control) -> dict:
     from trainer.driver import run_stage
 
     phase = f"stage_{stage}"
@@ -72,9 +89,13 @@ def _stage_phase(cfg: Config, storage: Storage, state: PipelineState, stage: int
     if cfg.pipeline.mode == "sequential":
         for r in fleet.roll_out(1):
             print(f"[pipeline] {r.summary()}")
-    res = run_stage(cfg, stage, parent_run_id=parent_run_id, demand=fleet.demand)
+    res = run_stage(cfg, stage, parent_run_id=parent_run_id, demand=fleet.demand, control=control.actor,
+                    preflight_job=False)
     fleet.check()
     print(f"[pipeline] {res.summary()}")
+    if res.stopped:
+        raise JobStopped(f"stage {stage} stopped at iteration {res.steps}/{res.total_steps}; its checkpoint "
+                         f"{res.checkpoint_uri} is where a resubmission resumes")
     result = res.to_dict()
     state.mark(storage, phase, result)
     return result
@@ -119,53 +140,83 @@ def _sample_phase(cfg: Config, storage: Storage, tracker: Tracker, state: Pipeli
 
 
 def run_pipeline(cfg: Config) -> dict:
+    """Run (or resume) the whole pipeline; raises JobStopped when the operator stopped it (everything cleaned up)."""
     from rollout.fleet import RolloutFleet
 
     check_weights(cfg, "pipeline")
     t0 = time.perf_counter()
     connect(cfg.cluster)
     storage = resolve_storage(cfg.storage)
+    preflight(cfg, storage, job="pipeline",
+              tracking_uri=resolve_tracking_uri(cfg.tracking, storage.root if storage.is_local else None))
     state = PipelineState.load(storage)
     if state.done:
         print(f"[pipeline] resuming experiment {cfg.experiment!r}: done so far {sorted(state.done)}")
     tracker = Tracker.from_config(cfg.tracking, cfg.storage)
     stages = [s for s in (0, 1, 2) if stage_steps(s, cfg.trainer) > 0]
-    fleet = RolloutFleet(cfg, storage).start()
+    control = Control()
+    control.install_signal_handlers()
+    fleet = None
     try:
         with tracker:
-            parent = tracker.start_parent(stage_run_name(cfg.experiment, "pipeline"), resume=True,
+            parent = tracker.start_parent(stage_run_name(cfg.experiment, "pipeline"), run_id=state.parent_run_id,
                                           tags=tracker.standard_tags(stage="pipeline"))
+            state.set_parent(storage, parent)
             tracker.log_params(cfg.flat())
+            rollout_run = tracker.open_run(stage_run_name(cfg.experiment, "rollout"), parent_run_id=parent,
+                                           tags=tracker.standard_tags(stage="rollout"))
+            fleet = RolloutFleet(cfg, storage, on_round=lambda r: _log_round(tracker, rollout_run, r),
+                                 system_metrics=tracker.system_metrics_target(rollout_run)).start()
             if cfg.pipeline.mode == "continuous":
                 fleet.start_continuous()
             for stage in stages:
-                _stage_phase(cfg, storage, state, stage, parent, fleet)
+                _stage_phase(cfg, storage, state, stage, parent, fleet, control)
+                _check_stop(control, f"after stage {stage}")
             fleet.check()
-            _log_fleet(cfg, tracker, fleet)
+            _log_fleet(tracker, rollout_run, fleet)
             sample = _sample_phase(cfg, storage, tracker, state, fleet) if cfg.pipeline.sample_video else None
     finally:
-        fleet.stop()
+        if fleet is not None:
+            fleet.stop()
+        control.close()
     return {"experiment": cfg.experiment, "storage": storage.uri(storage.path()), "tracking_uri": tracker.display_uri,
             "parent_run_id": parent, "phases": state.done, "sample_video": sample["video"] if sample else None,
             "fleet": {"rounds": fleet.stats.rounds, "trajectories": fleet.stats.trajectories},
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _log_fleet(cfg: Config, tracker: Tracker, fleet) -> None:
-    """The fleet's rounds as the rollout child run (step = round index)."""
-    with tracker.child(stage_run_name(cfg.experiment, "rollout"), resume=True,
-                       tags=tracker.standard_tags(stage="rollout")):
-        for r in fleet.stats.results:
-            tracker.log_metrics({METRIC_FRAMES_PER_S: r.pixel_frames_per_s, "rollout/seconds": r.rollout_s,
-                                 "rollout/policy_version": max(r.policy_versions or [0]),
-                                 "rollout/requeued": r.requeued}, step=r.round)
-        live = len(fleet.group.live) if fleet.group is not None else 0
-        tracker.log_metrics({"rollout/idle_fraction": fleet.stats.idle_fraction(live),
-                             "rollout/trajectories": fleet.stats.trajectories, "rollout/rounds": fleet.stats.rounds})
+def _check_stop(control: Control, where: str) -> None:
+    reason = control.stop_reason()
+    if reason:
+        raise JobStopped(f"stopped {where} ({reason})")
+
+
+def _log_round(tracker: Tracker, run_id: str | None, r) -> None:
+    """One committed round into the rollout run (step = round index), as it is committed."""
+    tracker.log_metrics_to(run_id, {METRIC_FRAMES_PER_S: r.pixel_frames_per_s, "rollout/seconds": r.rollout_s,
+                                    "rollout/policy_version": max(r.policy_versions or [0]),
+                                    "rollout/requeued": r.requeued}, step=r.round)
+
+
+def _log_fleet(tracker: Tracker, run_id: str | None, fleet) -> None:
+    """The fleet's totals; the rollout run ends here (the sample is a run of its own)."""
+    live = len(fleet.group.live) if fleet.group is not None else 0
+    tracker.log_metrics_to(run_id, {"rollout/idle_fraction": fleet.stats.idle_fraction(live),
+                                    "rollout/trajectories": fleet.stats.trajectories,
+                                    "rollout/rounds": fleet.stats.rounds})
+    tracker.finish_run(run_id)
 
 
 def main(args, cfg: Config) -> int:
-    summary = run_pipeline(cfg)
+    try:
+        summary = run_pipeline(cfg)
+    except JobStopped as e:
+        print(f"{STOPPED_LINE}: {e}")
+        print("  MLflow runs ended as KILLED, the rollout fleet and its resources released; committed rounds, "
+              "finished stages and the latest checkpoint are kept: run the same command (or submit it) again to "
+              "resume")
+        Control.wait_for_kill_if_submitted()
+        return 130
     print()
     print(f"pipeline {summary['experiment']!r} finished in {summary['seconds']} s "
           f"({summary['fleet']['rounds']} rollout rounds, {summary['fleet']['trajectories']} trajectories)")

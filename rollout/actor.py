@@ -82,9 +82,19 @@ class RolloutActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def track_system(self, run_id: str, tracking_uri: str) -> bool:
+        """Sample this node's CPU, memory and GPUs into MLflow run `run_id` under the node id
+        ``rollout-<actor>.<ray node>`` (the fleet asks one actor per node); False if system metrics are unavailable."""
+        from cluster.tracking import node_label, start_system_metrics
+
+        if getattr(self, "_monitor", None) is None:
+            self._monitor = start_system_metrics(run_id, tracking_uri=tracking_uri,
+                                                 node_id=node_label(f"rollout-{self.actor_id}", _node_id()[:12]))
+        return self._monitor is not None
+
     def ready(self) -> dict:
         """Identity of this process (the driver logs it and counts restarts by pid)."""
-        return {"actor_id": self.actor_id, "pid": os.getpid(), "host": socket.gethostname(),
+        return {"actor_id": self.actor_id, "pid": os.getpid(), "host": socket.gethostname(), "node": _node_id(),
                 "device": str(self.device), "policy_version": self.policy_version, "build_s": round(self.build_s, 3)}
 
     # -- weights ------------------------------------------------------------------------------
@@ -172,3 +182,10 @@ class RolloutActor:
         timings["total_s"] = time.perf_counter() - t0
         return {"shard": shard.to_dict(), "trajectory_id": spec.trajectory_id, "actor_id": self.actor_id,
                 "pid": os.getpid(), "policy_version": self.policy_version, "timings": timings}
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on (several nodes may share a host name, e.g. on one test machine)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()

@@ -8,6 +8,7 @@ as a ``policy_version`` for rollout actors.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,6 +42,24 @@ class Generator(nn.Module):
         )
 
 
+def policy_file(path: str) -> Path:
+    """A published policy: its safetensors file, a version directory (weights/policy_vNNNNNN/) holding it, or the
+    weights directory of an experiment ({root}/{experiment}/weights), meaning its newest committed version."""
+    p = Path(path)
+    versions = sorted(d for d in p.glob("policy_v[0-9]*") if (d / "_COMMITTED.json").is_file()) if p.is_dir() else []
+    if versions:
+        p = versions[-1]
+    if p.is_dir():
+        files = sorted(p.glob("*.safetensors"))
+        if len(files) != 1:
+            raise InputError(f"--policy {path!r}: a policy directory holds one .safetensors file (model.safetensors), "
+                             f"found {[f.name for f in files]}")
+        return files[0]
+    if not p.is_file():
+        raise InputError(f"--policy {path!r} does not exist (a published version's model.safetensors or its directory)")
+    return p
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device:
         return torch.device(device)
@@ -55,7 +74,7 @@ def build_generator(model_cfg: ModelConfig, memory_cfg: MemoryConfig, *, device:
     if model_cfg.model_path:
         load_checkpoint(gen.backbone, model_cfg.model_path)
     if policy_path:
-        state = load_state_dict_file(policy_path)
+        state = load_state_dict_file(policy_file(policy_path))
         missing, unexpected = gen.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise InputError(f"policy weights {policy_path!r} do not match the generator: "

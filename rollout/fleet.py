@@ -18,30 +18,38 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import ray
 
+from cluster.control import on_this_node
 from cluster.storage import Storage
 from rollout.round import RolloutActorGroup, RoundResult, roll_out_round, start_group
 from rollout.shards import committed_rounds
 from slotmem.config import Config
 
-LOG_EVERY_S = 30.0
+LOG_EVERY_S = 60.0
 PAUSE_S = 0.25
 
 
 @ray.remote(num_cpus=0)
 class ReplayDemand:
-    """How many fresh, untrained rows the trainer has (reported by its rank 0 planner), for back-pressure."""
+    """Fresh rows not trained on yet, for back-pressure: the trainer's rank 0 planner reports its count at every
+    update, the fleet adds the rows it commits after that report (between stages nobody reports, and a stale count
+    alone would let the fleet run ahead without bound)."""
 
     def __init__(self):
-        self.fresh_unused: int | None = None
+        self.reported = 0
+        self.since = 0
 
     def report(self, fresh_unused: int) -> None:
-        self.fresh_unused = int(fresh_unused)
+        self.reported, self.since = int(fresh_unused), 0
 
-    def get(self) -> int | None:
-        return self.fresh_unused
+    def committed(self, rows: int) -> None:
+        self.since += int(rows)
+
+    def waiting(self) -> int:
+        return self.reported + self.since
 
 
 @dataclass
@@ -59,10 +67,17 @@ class FleetStats:
 
 
 class RolloutFleet:
-    def __init__(self, cfg: Config, storage: Storage, *, log=print):
+    def __init__(self, cfg: Config, storage: Storage, *, log=print,
+                 on_round: Callable[[RoundResult], None] | None = None,
+                 system_metrics: tuple[str, str] | None = None):
+        """`on_round`: called with every committed round, from the committing thread (the pipeline logs it to
+        MLflow as it happens). `system_metrics`: (run id, tracking URI) that one actor per node samples its node's
+        CPU/memory/GPU metrics into."""
         self.cfg = cfg
         self.storage = storage
         self.log = log
+        self.on_round = on_round
+        self.system_metrics = system_metrics
         self.group: RolloutActorGroup | None = None
         self.stats = FleetStats()
         self.demand = None
@@ -77,6 +92,10 @@ class RolloutFleet:
         self.group, ready, startup_s = start_group(self.cfg, self.storage, "fleet")
         where = ", ".join(f"{r['actor_id']}@{r['host']}:{r['device']}" for r in ready)
         self.log(f"[rollout] fleet of {len(self.group)} actor(s) up in {startup_s:.1f} s ({where})")
+        if self.system_metrics is not None:
+            first_per_node = {r["node"]: r["actor_id"] for r in reversed(ready)}
+            ray.get([self.group.actors[self.group.actor_ids.index(a)].track_system.remote(*self.system_metrics)
+                     for a in first_per_node.values()])
         done = committed_rounds(self.storage)
         self._next_round = done[-1] + 1 if done else 0
         self.stats = FleetStats()
@@ -84,7 +103,7 @@ class RolloutFleet:
 
     def start_continuous(self) -> "RolloutFleet":
         """Commit rounds in the background until ``stop``; the trainer's demand paces it."""
-        self.demand = ReplayDemand.remote()
+        self.demand = ReplayDemand.options(scheduling_strategy=on_this_node()).remote()
         self._thread = threading.Thread(target=self._loop, name="rollout-fleet", daemon=True)
         self._thread.start()
         return self
@@ -111,22 +130,24 @@ class RolloutFleet:
 
     def _one_round(self) -> RoundResult:
         k = self._next_round
-        result = roll_out_round(self.group, self.cfg, self.storage, k)
+        result = roll_out_round(self.group, self.cfg, self.storage, k, notice=self.log)
         self._next_round = k + 1
         self.stats.rounds += 1
         self.stats.trajectories += result.num_trajectories
         self.stats.busy_s += result.busy_s
         self.stats.results.append(result)
+        if self.demand is not None:
+            self.demand.committed.remote(result.num_trajectories)
+        if self.on_round is not None:
+            self.on_round(result)
         return result
 
     def _wanted(self) -> bool:
-        """Back-pressure: fewer than pipeline.rows_ahead fresh rows wait for the trainer (before its first report,
-        the rows this fleet committed count as waiting)."""
+        """Back-pressure: roll out while fewer than pipeline.rows_ahead fresh rows wait for the trainer."""
         ahead = self.cfg.pipeline.rows_ahead
         if not ahead or self.demand is None:
             return True
-        fresh = ray.get(self.demand.get.remote())
-        return (self.stats.trajectories if fresh is None else fresh) < ahead
+        return ray.get(self.demand.waiting.remote()) < ahead
 
     def _loop(self) -> None:
         last_log = time.perf_counter()

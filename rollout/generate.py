@@ -80,6 +80,9 @@ def render_video(cfg: Config, *, prompts: list[str], switch_frames: list[int], n
 
 
 def main(args, cfg: Config) -> int:
+    from slotmem.config import check_weights
+
+    check_weights(cfg, "generate")
     if (args.prompt is None) == (args.prompts is None):
         raise InputError("give exactly one of --prompt TEXT (single prompt) or --prompts FILE (interactive script)")
     if args.prompt is not None:

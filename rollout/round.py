@@ -138,11 +138,12 @@ class _Dispatch:
 
 
 def dispatch(group: RolloutActorGroup, specs: list[TrajectorySpec], rollout_cfg: RolloutConfig, *,
-             log=None) -> _Dispatch:
+             log=None, notice=print) -> _Dispatch:
     """Run every spec on the group's live actors, at most rollout.max_in_flight queued per actor.
 
     A trajectory whose actor dies (no restarts left) or does not answer within rollout.stall_timeout_s is run
-    again elsewhere, with the same spec and so the same content; `log(line)` reports each trajectory.
+    again elsewhere, with the same spec and so the same content; `log(line)` reports each trajectory, `notice(line)`
+    each lost actor and requeued trajectory (always worth an operator's attention).
     """
     pending = deque(specs)
     in_flight: dict[ray.ObjectRef, tuple[int, TrajectorySpec, float]] = {}
@@ -165,8 +166,9 @@ def dispatch(group: RolloutActorGroup, specs: list[TrajectorySpec], rollout_cfg:
                 del in_flight[ref]
                 queued[index] -= 1
                 group.retire(index)
-                _requeue(spec, failures, pending, group, rollout_cfg, log,
-                         f"no answer for {rollout_cfg.stall_timeout_s:g} s (rollout.stall_timeout_s)")
+                _requeue(spec, failures, pending, group, rollout_cfg, notice,
+                         f"actor {group.actor_ids[index]} retired: no answer for {rollout_cfg.stall_timeout_s:g} s "
+                         "(rollout.stall_timeout_s)")
         for ref in done:
             if ref not in in_flight:
                 continue
@@ -179,7 +181,9 @@ def dispatch(group: RolloutActorGroup, specs: list[TrajectorySpec], rollout_cfg:
                 # left on this actor, so another actor runs it (same spec, same content).
                 if isinstance(e, ActorDiedError):
                     group.live.discard(index)
-                _requeue(spec, failures, pending, group, rollout_cfg, log, f"{type(e).__name__}: {e}")
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                _requeue(spec, failures, pending, group, rollout_cfg, notice,
+                         f"actor {group.actor_ids[index]} lost ({type(e).__name__}: {first_line[:120]})")
                 continue
             results[spec.traj_index] = out
             group.pids.setdefault(out["actor_id"], set()).add(out["pid"])
@@ -303,13 +307,13 @@ def start_group(cfg: Config, storage: Storage, name: str) -> tuple[RolloutActorG
 
 
 def roll_out_round(group: RolloutActorGroup, cfg: Config, storage: Storage, round_index: int,
-                   specs: list[TrajectorySpec] | None = None, *, log=None) -> RoundResult:
+                   specs: list[TrajectorySpec] | None = None, *, log=None, notice=print) -> RoundResult:
     """Roll out round `round_index` on a running group and commit it (the manifest last)."""
     specs = specs or plan_round(cfg.rollout, load_training_prompts(cfg.rollout.prompt_file), round_index,
                                 chunk=cfg.model.num_frame_per_block)
     restarts_before = sum(len(p) - 1 for p in group.pids.values())
     t1 = time.perf_counter()
-    sent = dispatch(group, specs, cfg.rollout, log=log)
+    sent = dispatch(group, specs, cfg.rollout, log=log, notice=notice)
     t2 = time.perf_counter()
     versions = sorted({r["policy_version"] for r in sent.results})
     commit_round(storage, round_index, [r["shard"] for r in sent.results], config_hash=hash_config(cfg.to_dict()),
@@ -334,6 +338,10 @@ def run_round(cfg: Config, round_index: int, *, storage: Storage | None = None, 
     # Bad prompt files and switch choices fail here, before any actor starts.
     specs = plan_round(cfg.rollout, load_training_prompts(cfg.rollout.prompt_file), round_index,
                        chunk=cfg.model.num_frame_per_block)
+    connect(cfg.cluster)
+    from cluster.preflight import preflight
+
+    preflight(cfg, storage, job="rollout")
     group, ready, startup_s = start_group(cfg, storage, f"r{round_index:04d}")
     try:
         if progress:
@@ -349,11 +357,31 @@ def run_round(cfg: Config, round_index: int, *, storage: Storage | None = None, 
 
 
 def main(args, cfg: Config) -> int:
+    """`slotmem rollout --round K`: one round, tracked as its own MLflow run (`<experiment>-rollout-round<K>`,
+    nested under $SLOTMEM_PARENT_RUN_ID when set), continued rather than duplicated when the round is rerun."""
+    import os
+
+    from cluster.mlflow_names import METRIC_FRAMES_PER_S, PARENT_RUN_ENV, stage_run_name
+    from cluster.tracking import Tracker
     from slotmem.config import check_weights
 
     check_weights(cfg, "rollout")
-    result = run_round(cfg, args.round_index)
+    tracker = Tracker.from_config(cfg.tracking, cfg.storage)
+    with tracker:
+        tracker.resume_or_start(stage_run_name(cfg.experiment, "rollout", args.round_index),
+                                tags=tracker.standard_tags(stage="rollout", round_index=args.round_index),
+                                parent_run_id=os.environ.get(PARENT_RUN_ENV) or None)
+        tracker.log_params(cfg.flat())
+        result = run_round(cfg, args.round_index)
+        if not result.skipped:
+            tracker.log_metrics({METRIC_FRAMES_PER_S: result.pixel_frames_per_s, "rollout/seconds": result.rollout_s,
+                                 "rollout/startup_s": result.startup_s, "rollout/commit_s": result.commit_s,
+                                 "rollout/trajectories": result.num_trajectories, "rollout/requeued": result.requeued,
+                                 "rollout/actor_restarts": result.actor_restarts,
+                                 "rollout/policy_version": max(result.policy_versions or [0])})
+            tracker.set_tags({"round_uri": result.uri})
     print(result.summary())
     if not result.skipped:
         print(f"committed round {result.round}: {result.uri}")
+    print(f"MLflow: {tracker.display_uri} (run {stage_run_name(cfg.experiment, 'rollout', args.round_index)})")
     return 0

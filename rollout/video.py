@@ -1,7 +1,9 @@
 """mp4 output: H.264 / yuv420p at 16 fps (Wan2.1 sample_fps) through imageio's bundled ffmpeg.
 
 Files appear atomically: frames go to a temporary file in the same directory, which is renamed over
-the target only once ffmpeg has finished, so a reader never sees a half-written video. ``frames``
+the target only once ffmpeg has finished, so a reader never sees a half-written video. The temporary file is
+private (mkstemp), so it is made group- and world-readable (``OUTPUT_MODE``) before the rename: a team shares
+the outputs. ``frames``
 may be one uint8 array [T, H, W, 3] or an iterable of such pieces (e.g. ``VAE.decode_iter``), which
 streams a long video to disk without holding it in memory.
 """
@@ -20,6 +22,7 @@ import numpy as np
 from slotmem.errors import InputError
 
 DEFAULT_FPS = 16  # Wan2.1 sample_fps (anchors-video §2.1)
+OUTPUT_MODE = 0o644  # rw-r--r--, what a plain open() gives under the usual umask
 
 
 def _as_numpy(frames) -> np.ndarray:
@@ -72,6 +75,7 @@ def write_mp4(path: str | Path, frames, fps: int = DEFAULT_FPS, quality: int = 8
             writer.close()
         if count == 0:
             raise InputError(f"no frames to write to {str(path)!r}")
+        os.chmod(tmp, OUTPUT_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -102,6 +106,7 @@ def write_sidecar(video_path: str | Path, meta: dict) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text + "\n")
+        os.chmod(tmp, OUTPUT_MODE)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, default=None, help="latent frames to generate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", "-o", default="out.mp4")
-    p.add_argument("--policy", default=None, help="published policy weights (safetensors) to load into the generator")
+    p.add_argument("--policy", default=None, help="a published policy to load into the generator: its version directory "
+                   "({root}/{experiment}/weights/policy_vNNNNNN) or the model.safetensors in it")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=_lazy("rollout.generate", "main"))
 
@@ -76,23 +77,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
     p.add_argument("--no-wait", action="store_true", help="return after submission instead of following logs")
+    p.add_argument("--submission-id", default=None, help="the job's id (default: slotmem-SUBCOMMAND-TIME-RANDOM); "
+                   "Ray refuses an id that was used before")
     p.add_argument("job", nargs=argparse.REMAINDER, help="-- SUBCOMMAND [ARGS]: the slotmem command to run")
     p.set_defaults(func=_lazy("cluster.submit", "main_submit"))
 
-    for name, func, help_ in (("status", "main_status", "status of a submitted job"),
-                              ("logs", "main_logs", "logs of a submitted job")):
+    for name, func, help_ in (("status", "main_status", "where a submitted job is: phase, iteration, losses, lag"),
+                              ("logs", "main_logs", "logs of a submitted job"),
+                              ("stop", "main_stop", "stop a submitted job cleanly (checkpoint, MLflow KILLED)")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("job_id")
         p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
-        p.set_defaults(func=_lazy("cluster.submit", func), no_config=True)
+        if name == "logs":
+            p.add_argument("--follow", "-f", action="store_true", help="stream the log until the job ends")
+        if name == "stop":
+            p.add_argument("--timeout", type=float, default=900.0,
+                           help="seconds to wait for the clean stop before `ray job stop` (default 900)")
+        p.set_defaults(func=_lazy("cluster.jobs", func), no_config=True)
 
     p = sub.add_parser("runs", help="list the pipeline's MLflow runs with their key metrics")
     _add_config_args(p)
-    p.set_defaults(func=_lazy("cluster.tracking", "main_runs"))
+    p.set_defaults(func=_lazy("cluster.runs", "main_runs"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cluster.runtime import use_token_auth_if_given
+
+    use_token_auth_if_given()  # before anything imports Ray, which reads RAY_AUTH_MODE once
     args = build_parser().parse_args(argv)
     try:
         cfg = None if getattr(args, "no_config", False) else load_config(args.config, args.overrides)

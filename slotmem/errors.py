@@ -7,3 +7,8 @@ class InputError(ValueError):
 
 class ConfigError(InputError):
     """A config value, key or file is invalid; the message names it."""
+
+
+class JobStopped(Exception):
+    """The operator asked the job to stop (`slotmem stop`, SIGTERM, Ctrl-C): the stage checkpointed and returned;
+    MLflow runs end as KILLED and a resubmission resumes from the checkpoint."""

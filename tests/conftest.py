@@ -24,6 +24,25 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny tensors: extra threads onl
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _mount_test_credentials() -> None:
+    """Dummy S3 credentials as a *mounted secret* (a shared-credentials file in the environment of every process
+    the suite starts, Ray nodes included), never in a runtime_env: the code under test finds them the way a real
+    node does, through the AWS SDK's default chain. The instance-metadata lookup is off (no network here)."""
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="slotmem-test-aws-")
+    with open(os.path.join(directory, "credentials"), "w") as f:
+        f.write("[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    with open(os.path.join(directory, "config"), "w") as f:
+        f.write("[default]\nregion = us-east-1\n")
+    os.environ.setdefault("AWS_SHARED_CREDENTIALS_FILE", os.path.join(directory, "credentials"))
+    os.environ.setdefault("AWS_CONFIG_FILE", os.path.join(directory, "config"))
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
+_mount_test_credentials()
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> str:
     return REPO
@@ -56,7 +75,7 @@ def s3_server():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {"AWS_DEFAULT_REGION": "us-east-1"}  # credentials: the mounted file (_mount_test_credentials)
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import boto3

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cluster.storage import Storage, resolve_storage
-from cluster.tracking import resolve_tracking_uri, stage_run_name
+from cluster.mlflow_names import PARENT_RUN_ENV, resolve_tracking_uri, stage_run_name
 from rollout.prompts import load_training_prompts
 from slotmem.config import Config, ModelConfig
 from slotmem.errors import InputError
@@ -28,7 +28,6 @@ from trainer.metrics import stage_name
 from trainer.schedule import stage_steps, stage_updates, version_at_start
 
 FAULT_ENV = "SLOTMEM_TRAIN_FAULT_STEP"
-PARENT_RUN_ENV = "SLOTMEM_PARENT_RUN_ID"
 
 
 @dataclass
@@ -38,6 +37,7 @@ class StageResult:
     stage: int
     policy_version: int
     steps: int
+    total_steps: int
     generator_updates: int
     run_name: str
     checkpoint_uri: str | None
@@ -53,10 +53,18 @@ class StageResult:
         d.pop("history")
         return d
 
+    @property
+    def stopped(self) -> bool:
+        """The stage ended early on a stop request (its last checkpoint is where a resubmission resumes)."""
+        return self.steps < self.total_steps
+
     def summary(self) -> str:
         losses = ", ".join(f"{k}={v:.4g}" for k, v in self.last.items()
                            if k in ("critic", "dmd", "slot", "slot_con", "slot_feat", "slot_cosine",
                                     "slot_mask_coverage"))
+        if self.stopped:
+            return (f"stage {self.stage}: stopped on request at iteration {self.steps}/{self.total_steps} after "
+                    f"{self.seconds:.1f} s; {losses}; checkpoint {self.checkpoint_uri}")
         return (f"stage {self.stage}: {self.steps} iterations ({self.generator_updates} generator updates) in "
                 f"{self.seconds:.1f} s; {losses}; published policy_version {self.policy_version}")
 
@@ -107,20 +115,6 @@ def fixed_embeddings(cfg: Config, storage: Storage, texts: list[str]) -> np.ndar
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_trainer_fits(cfg: Config, resources: dict[str, float]) -> None:
-    """Trainer workers must fit and leave a CPU for Ray Data's read tasks (else the reads deadlock)."""
-    n = cfg.cluster.num_trainer_workers
-    need_cpu, need_gpu = n * cfg.cluster.cpus_per_worker, n * cfg.cluster.gpus_per_worker
-    have_cpu, have_gpu = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    if need_gpu > have_gpu + 1e-9 or need_cpu > have_cpu + 1e-9:
-        raise InputError(f"cluster too small for {n} trainer workers x ({cfg.cluster.cpus_per_worker:g} CPU, "
-                         f"{cfg.cluster.gpus_per_worker:g} GPU): it has {have_cpu:g} CPU, {have_gpu:g} GPU")
-    if have_cpu - need_cpu < 1.0:
-        raise InputError(f"{n} trainer workers x {cfg.cluster.cpus_per_worker:g} CPU take {need_cpu:g} of the "
-                         f"cluster's {have_cpu:g} CPUs; Ray Data needs at least one free CPU to read the rollout "
-                         "shards (lower cluster.cpus_per_worker, or raise cluster.local_num_cpus)")
-
-
 def _worker_config(cfg: Config, storage: Storage) -> Config:
     """The config as workers must see it: absolute storage root and a resolved tracking URI."""
     root = storage.root if storage.is_local else cfg.storage.root
@@ -134,7 +128,7 @@ def _run_config(cfg: Config, storage: Storage, run_name: str):
 
     kwargs: dict[str, Any] = {}
     if not storage.is_local:
-        kwargs["storage_filesystem"] = storage.fs  # s3: the same endpoint and credentials as the shards
+        kwargs["storage_filesystem"] = storage.checkpoint_filesystem()  # s3: retrying, the node's own credentials
     return RunConfig(name=run_name, storage_path=storage.checkpoints_dir(),
                      checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep),
                      failure_config=FailureConfig(max_failures=cfg.cluster.max_failures), **kwargs)
@@ -178,14 +172,16 @@ def previous_ledger(storage: Storage, stage: int) -> dict[str, int]:
 
 
 def run_stage(cfg: Config, stage: int, *, parent_run_id: str | None = None, fault_step: int | None = None,
-              demand=None) -> StageResult:
+              demand=None, control=None, preflight_job: bool = True) -> StageResult:
     """Train `stage` on the committed rollout rows (waiting for the fleet as needed); publish its versions.
 
-    demand: the rollout fleet's back-pressure actor (rollout/fleet.py ReplayDemand), reported to by rank 0."""
-    import ray
+    demand: the rollout fleet's back-pressure actor (rollout/fleet.py ReplayDemand), reported to by rank 0.
+    control: the job's JobControl actor (cluster/control.py): rank 0 posts its console lines there and stops the
+    stage (checkpointed, ``StageResult.stopped``) when a stop is requested."""
     from ray.train.torch import TorchTrainer
 
     from cluster.placement import scaling_config, torch_config
+    from cluster.preflight import preflight
     from cluster.runtime import connect
     from cluster.shape import ClusterShape
 
@@ -201,7 +197,9 @@ def run_stage(cfg: Config, stage: int, *, parent_run_id: str | None = None, faul
     if stage == 2:
         stage_final_record(storage, 1)  # Stage II resumes Stage I
     connect(cfg.cluster)
-    _check_trainer_fits(cfg, ray.cluster_resources())
+    if preflight_job:
+        preflight(cfg, storage, job="train", tracking_uri=resolve_tracking_uri(
+            cfg.tracking, storage.root if storage.is_local else None))
     shape = ClusterShape.from_config(cfg.cluster, cfg.trainer)
     run_name = stage_run_name(cfg.experiment, stage_name(stage))
     loop_config = {
@@ -216,6 +214,7 @@ def run_stage(cfg: Config, stage: int, *, parent_run_id: str | None = None, faul
         "checkpoint_root_uri": f"{storage.uri(storage.checkpoints_dir())}/{run_name}",
         "fault_step": fault_step,
         "demand": demand,
+        "control": control,
     }
     from trainer.worker import train_loop
 
@@ -227,7 +226,7 @@ def run_stage(cfg: Config, stage: int, *, parent_run_id: str | None = None, faul
     state = read_state(result.checkpoint)
     last = state.history[-1] if state.history else {}
     version = version_at_start(stage, cfg.trainer) + stage_updates(stage, cfg.trainer, state.step)
-    return StageResult(stage=stage, policy_version=version, steps=state.step,
+    return StageResult(stage=stage, policy_version=version, steps=state.step, total_steps=stage_steps(stage, cfg.trainer),
                        generator_updates=stage_updates(stage, cfg.trainer, state.step), run_name=run_name,
                        checkpoint_uri=storage.uri(result.checkpoint.path),
                        weights_uri=storage.uri(storage.weights_dir(version)),
@@ -247,9 +246,22 @@ def main(args, cfg: Config) -> int:
 
     from slotmem.config import check_weights
 
+    from cluster.control import Control
+    from cluster.runtime import connect
+
     check_weights(cfg, "train")
     fault = os.environ.get(FAULT_ENV)
-    result = run_stage(cfg, args.stage, parent_run_id=os.environ.get(PARENT_RUN_ENV) or None,
-                       fault_step=int(fault) if fault else None)
+    connect(cfg.cluster)
+    control = Control()
+    control.install_signal_handlers()
+    try:
+        result = run_stage(cfg, args.stage, parent_run_id=os.environ.get(PARENT_RUN_ENV) or None,
+                           fault_step=int(fault) if fault else None, control=control.actor)
+    finally:
+        control.close()
     print(result.summary())
+    if result.stopped:
+        print(f"stage {args.stage} stopped on request at iteration {result.steps}/{result.total_steps} "
+              f"(checkpoint {result.checkpoint_uri}); run the same command again to resume")
+        return 130
     return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 X0Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

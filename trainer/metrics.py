@@ -19,6 +19,7 @@ from trainer.data import Assignment
 
 LAG_WINDOW = 200
 CONSOLE_LINES = 4  # progress lines per stage on the console (plus a start and an end line)
+PROGRESS_EVERY_S = 120.0  # and one at least this often, so `slotmem status` is current on long stages
 _NAMES = {"dmd": "loss/dmd", "critic": "loss/critic", "slot": "loss/slot", "slot_con": "loss/slot_con",
           "slot_rec": "loss/slot_rec", "slot_feat": "loss/slot_feat", "slot_cosine": "slot/cosine",
           "slot_mask_coverage": "slot/mask_coverage", "slot_norm": "slot/norm",
@@ -31,11 +32,14 @@ def stage_name(stage: int) -> str:
 
 
 class StepMetrics:
-    def __init__(self, *, stage: int, total: int, tracker, rank: int):
+    def __init__(self, *, stage: int, total: int, tracker, rank: int, post=None):
+        """`post`: sends a console line to the driver (cluster/control.py); None prints it here."""
         self.stage = stage
         self.total = total
         self.tracker = tracker
         self.rank = rank
+        self.post = post
+        self.last_line = time.perf_counter()
         self.lags: deque[int] = deque(maxlen=LAG_WINDOW)
         self.uses: deque[int] = deque(maxlen=LAG_WINDOW)
         self.wait_s = 0.0
@@ -44,7 +48,18 @@ class StepMetrics:
 
     def _print(self, line: str) -> None:
         if self.rank == 0:
-            print(f"[train {stage_name(self.stage)}] {line}", flush=True)
+            self.last_line = time.perf_counter()
+            text = f"[train {stage_name(self.stage)}] {line}"
+            print(text, flush=True)  # the worker's log file
+            if self.post is not None:
+                self.post(text)
+
+    def say(self, line: str) -> None:
+        """A console line from rank 0 (through the driver when it relays)."""
+        self._print(line)
+
+    def stopped(self, step: int) -> None:
+        self._print(f"stopped on request after step {step + 1}/{self.total} (checkpointed)")
 
     def start(self, *, resumed: bool, step: int, world: int, zero: int, device: str) -> None:
         self.first_step, self.t_start = step, time.perf_counter()
@@ -81,7 +96,8 @@ class StepMetrics:
                                 f"zero/{name}_optimizer_state_elements": stats.optimizer_state_elements})
         self.tracker.log_metrics(metrics, step=step)
         interval = max(1, self.total // CONSOLE_LINES)
-        if (step + 1) % interval == 0 or step + 1 == self.total:
+        due = time.perf_counter() - self.last_line > PROGRESS_EVERY_S
+        if (step + 1) % interval == 0 or step + 1 == self.total or due:
             rate = (step + 1 - self.first_step) / max(time.perf_counter() - self.t_start, 1e-9)
             shown = " ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in
                              ("loss/critic", "loss/dmd", "loss/slot_con", "loss/slot_feat", "slot/cosine",

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from cluster.storage import resolve_storage
-from cluster.tracking import Tracker
+from cluster.tracking import Tracker, node_label
 from slotmem.config import build_config
+from slotmem.errors import JobStopped
 from trainer.checkpoint import (STATE_FILE, TrainerState, load_checkpoint, read_stage_final, save_checkpoint,
                                 stage_final_record, write_stage_final)
 from trainer.data import (Assignment, ReplayPlanner, RowCache, assignment_from_wire, assignment_to_wire)
@@ -105,7 +106,10 @@ class StageWorker:
         self.cache = RowCache(self.storage)
         self.parent_run_id = loop_config.get("parent_run_id")
         self.tracker = self._tracker()
-        self.metrics = StepMetrics(stage=self.stage, total=self.total_steps, tracker=self.tracker, rank=self.rank)
+        self.control = loop_config.get("control")  # the job's control actor (cluster/control.py), if any
+        post = (lambda line: self.control.post.remote(line)) if self.control is not None else None
+        self.metrics = StepMetrics(stage=self.stage, total=self.total_steps, tracker=self.tracker, rank=self.rank,
+                                   post=post)
         self.sample_embeddings = torch.tensor(np.asarray(loop_config["sample_embeddings"]))  # [P, Lt, D]
 
     # -- setup helpers ----------------------------------------------------------------------------
@@ -118,7 +122,7 @@ class StageWorker:
         if self.rank != 0:
             return Tracker.disabled()
         return Tracker(self.cfg.tracking, storage_root_local=self.storage.root if self.storage.is_local else None,
-                       experiment=self.cfg.experiment)
+                       experiment=self.cfg.experiment, node_id=node_label("trainer-rank0"))
 
     def _first_frame(self):
         """The VAE re-encode of a mid-video window's first latent (trainer/window.py scored_clip)."""
@@ -215,6 +219,24 @@ class StageWorker:
     # -- the loop -----------------------------------------------------------------------------------
 
     def run(self) -> None:
+        try:
+            self._run()
+        except JobStopped:  # checkpointed; the driver sees a stage that ended early
+            return
+
+    def _stop_requested(self) -> bool:
+        """Whether the operator asked to stop: rank 0 asks the control actor, every rank gets the same answer."""
+        if self.control is None:
+            return False
+        import ray
+
+        flag = torch.zeros(1, device=self.device)
+        if self.rank == 0:
+            flag[0] = float(bool(ray.get(self.control.stop_requested.remote())))
+        self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _run(self) -> None:
         with self._mlflow_run():
             self.metrics.start(resumed=self.resumed, step=self.state.step, world=self.world,
                                zero=self.cfg.trainer.zero_stage, device=str(self.device))
@@ -240,8 +262,14 @@ class StageWorker:
                     self.publish(plan.version, final=False)
                 self.metrics.step(step, plan, mean, seconds=time.perf_counter() - t0, engines=self.engines)
                 self.state.history.append({"step": step, **mean})
-                if (step + 1) % every == 0 or last:
+                checkpointed = (step + 1) % every == 0 or last
+                if checkpointed:
                     self.checkpoint(mean)
+                if not last and self._stop_requested():
+                    if not checkpointed:
+                        self.checkpoint(mean)
+                    self.metrics.stopped(step)
+                    raise JobStopped(f"stage {self.stage} stopped at step {step + 1}")
             self.finish()
 
     def _mean(self, values: dict[str, float]) -> dict[str, float]:
@@ -313,8 +341,8 @@ class StageWorker:
             write_stage_final(self.storage, self.stage, weights,
                               meta={"run_name": self.run_name, "steps": self.state.step, "version": end_version,
                                     "checkpoint": self.last_checkpoint_uri, "ledger": self.planner.ledger})
-            print(f"[train {stage_name(self.stage)}] published policy_version {end_version} at "
-                  f"{self.storage.uri(self.storage.weights_dir(end_version))}", flush=True)
+            self.metrics.say(f"published policy_version {end_version} at "
+                             f"{self.storage.uri(self.storage.weights_dir(end_version))}")
             if self.tracker.enabled:
                 log_stage_samples(self.cfg, self.stage, self.tracker, self.sample_embeddings, self.device,
                                   self.engines.scheduler, version=end_version)

@@ -197,6 +197,9 @@ class ClusterConfig:
     """Logical CPUs of the embedded local cluster (more than physical cores so Ray Data tasks can run next to Train workers)."""
     max_failures: int = 2
     """Ray Train FailureConfig.max_failures."""
+    resource_wait_s: float = 600.0
+    """How long a job waits for the autoscaler to add what the cluster shape needs before it gives up (0 = check
+    the resources the cluster has now, e.g. an embedded local cluster)."""
     pin_node_types: bool = False
     """Place rollout actors only on nodes advertising the custom resource `rollout_node` and trainer workers only on
     `trainer_node` nodes (ray_cluster.yaml, cluster/kuberay-rayjob.yaml); false = any node."""
@@ -209,6 +212,7 @@ class ClusterConfig:
         check_int(s, "num_trainer_workers", self.num_trainer_workers, lo=1)
         check_int(s, "local_num_cpus", self.local_num_cpus, lo=1)
         check_int(s, "max_failures", self.max_failures, lo=0)
+        check_float(s, "resource_wait_s", self.resource_wait_s, lo=0.0)
         for name in ("gpus_per_actor", "gpus_per_worker"):
             check_float(s, name, getattr(self, name), lo=0.0, hi=8.0)
         for name in ("cpus_per_actor", "cpus_per_worker"):

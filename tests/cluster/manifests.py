@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shlex
-import tomllib
 
-import jsonschema
 import pytest
 import yaml
-from packaging.requirements import Requirement
 
 from cluster.shape import NODE_TYPE_SHARE, ROLLOUT_NODE, TRAINER_NODE, ClusterShape
 from slotmem.config import load_config

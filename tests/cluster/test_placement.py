@@ -11,7 +11,7 @@ from slotmem.errors import InputError
 
 
 def _tiny_shape(repo_root) -> ClusterShape:
-    cfg = load_config(f"{repo_root}/configs/tiny.yaml")
+    cfg = load_config(f"{repo_root}/configs/tiny-random.yaml")
     return ClusterShape.from_config(cfg.cluster, cfg.trainer)
 
 

@@ -18,7 +18,7 @@ def _shape(**kw) -> ClusterShape:
 
 
 def test_tiny_preset_resolves_to_cpu_gloo(repo_root):
-    cfg = load_config(f"{repo_root}/configs/tiny.yaml")
+    cfg = load_config(f"{repo_root}/configs/tiny-random.yaml")
     shape = ClusterShape.from_config(cfg.cluster, cfg.trainer)
     assert (shape.num_rollout_actors, shape.num_trainer_workers, shape.zero_stage) == (
         cfg.cluster.num_rollout_actors, cfg.cluster.num_trainer_workers, cfg.trainer.zero_stage)

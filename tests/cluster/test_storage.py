@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import socket
 import threading
 import time
@@ -67,9 +69,17 @@ def test_s3_resolution_endpoint_region_and_credentials_never_shown():
     assert st.uri(st.round_dir(0)) == "s3://my-bucket/some/prefix/exp/rollouts/round_0000"
     opts = _s3_options(st)
     assert (opts["endpoint_override"], opts["scheme"], opts["region"]) == ("10.1.2.3:9000", "http", "us-east-1")
-    assert (opts["access_key"], opts["secret_key"], opts["session_token"]) == ("AKIDEXAMPLE", SECRET, "tok-SECRET")
-    for text in (repr(st), str(st)):
-        assert SECRET not in text and "AKIDEXAMPLE" not in text and "tok-SECRET" not in text
+    # the keys stay with the process (the SDK's default chain reads them there): none in the filesystem's
+    # options, the pickle a Ray actor or Train worker receives, a repr or a str
+    assert not opts["access_key"] and not opts["secret_key"] and not opts["session_token"]
+    for data in (repr(st).encode(), str(st).encode(), pickle.dumps(st), pickle.dumps(st.checkpoint_filesystem())):
+        assert SECRET.encode() not in data and b"AKIDEXAMPLE" not in data and b"tok-SECRET" not in data
+    # a pickled Storage resolves again where it lands: same place
+    again = pickle.loads(pickle.dumps(st))
+    assert again.root == st.root and again.uri(again.base) == st.uri(st.base)
+    # Ray Train's checkpoint uploads retry on their own, also in the copy a worker unpickles
+    shipped = pickle.loads(pickle.dumps(st.checkpoint_filesystem()))
+    assert shipped.handler.attempts == 3 * st.retries and shipped.handler.storage_cfg == st.config
 
     # config endpoint wins over the environment; a bare host:port means https
     st = resolve_storage(StorageConfig(root="s3://my-bucket", experiment="exp", s3_endpoint="minio.local:9000",
@@ -108,7 +118,7 @@ def test_retry_survives_a_real_s3_outage(s3_server):
     port = _free_port()
     st = resolve_storage(StorageConfig(root=f"s3://{s3_server['bucket']}/outage", experiment="exp",
                                        s3_endpoint=f"http://127.0.0.1:{port}", retries=5))
-    st = Storage(fs=st.fs, root=st.root, experiment=st.experiment, scheme=st.scheme, retries=5, retry_base_delay=0.3)
+    st = dataclasses.replace(st, retries=5, retry_base_delay=0.3)
     servers = []
 
     def come_back():
@@ -128,7 +138,7 @@ def test_retry_survives_a_real_s3_outage(s3_server):
             s.stop()
 
     # With the server gone and one attempt only, the error names the file and says it is transient.
-    st1 = Storage(fs=st.fs, root=st.root, experiment=st.experiment, scheme=st.scheme, retries=1)
+    st1 = dataclasses.replace(st, retries=1)
     with pytest.raises(OSError) as err:
         st1.read_bytes(st1.path("probe.bin"))
     assert is_transient(err.value) and "probe.bin" in str(err.value)
@@ -136,8 +146,8 @@ def test_retry_survives_a_real_s3_outage(s3_server):
 
 
 def test_retry_classifies_errors(tmp_path):
-    st = Storage(fs=pafs.LocalFileSystem(), root=str(tmp_path), experiment="exp", scheme="file", retries=4,
-                 retry_base_delay=0.01)
+    st = dataclasses.replace(resolve_storage(StorageConfig(root=str(tmp_path), experiment="exp")), retries=4,
+                             retry_base_delay=0.01)
     st.write_bytes(st.path("a.txt"), b"real data")
     calls = []
 

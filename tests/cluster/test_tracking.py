@@ -1,4 +1,4 @@
-"""MLflow tracking: parent/child runs on sqlite, the default store, resume, a dead server, masking, `slotmem runs`."""
+"""MLflow tracking: parent/child runs on sqlite, the default store, resume, a server outage, masking, `slotmem runs`."""
 
 from __future__ import annotations
 
@@ -11,22 +11,23 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster.tracking import (
+from cluster.delivery import DeliveryQueue, TrackingWarning
+from cluster.mlflow_names import (
     METRIC_CRITIC,
     METRIC_DMD,
     METRIC_FRAMES_PER_S,
     METRIC_POLICY_LAG,
     TAG_PARENT,
-    Tracker,
-    TrackingWarning,
     local_tracking_uri,
-    main_runs,
     mask_uri,
     stage_run_name,
 )
+from cluster.runs import main_runs
+from cluster.tracking import Tracker
 from slotmem.cli import main as cli_main
 from slotmem.config import TrackingConfig, load_config
 from slotmem.errors import InputError
+from tests.servers import MlflowServer
 
 
 @pytest.fixture(autouse=True)
@@ -41,8 +42,8 @@ def mlflow_uri(tmp_path_factory):
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
 
 
-def _tracker(uri: str, **kw) -> Tracker:
-    return Tracker(TrackingConfig(tracking_uri=uri, experiment="exp", system_metrics=False),
+def _tracker(uri: str, retry_s: float = 600.0, **kw) -> Tracker:
+    return Tracker(TrackingConfig(tracking_uri=uri, experiment="exp", system_metrics=False, retry_s=retry_s),
                    storage_root_local=None, experiment="slotmem-test", **kw)
 
 
@@ -108,11 +109,11 @@ def test_default_store_is_storage_root_mlflow_db(tmp_path, monkeypatch):
     assert not (elsewhere / "mlruns").exists()
 
 
-def test_unreachable_server_warns_once_and_does_nothing(tmp_path):
+def test_unreachable_server_at_start_warns_once_and_does_nothing(tmp_path):
     start = time.monotonic()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tr = _tracker(f"http://alice:s3cret@127.0.0.1:{_closed_port()}")
+        tr = _tracker(f"http://alice:s3cret@127.0.0.1:{_closed_port()}", retry_s=1.0)
         assert not tr.enabled
         with tr:
             assert tr.start_parent("pipeline") is None
@@ -122,20 +123,65 @@ def test_unreachable_server_warns_once_and_does_nothing(tmp_path):
                 tr.log_metrics({METRIC_DMD: 1.0}, step=0)
                 tr.log_artifact(tmp_path)
                 tr.set_tags({"t": "v"})
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 30
     ours = [w for w in caught if issubclass(w.category, TrackingWarning)]
-    assert len(ours) == 1 and "unreachable" in str(ours[0].message)
+    assert len(ours) == 1 and "unusable" in str(ours[0].message)
     assert "s3cret" not in str(ours[0].message) and "alice:***@" in str(ours[0].message)
 
 
-def test_failing_call_mid_run_disables_tracking_with_one_warning(mlflow_uri):
+def test_a_rejected_call_is_dropped_with_one_warning_and_tracking_stays_on(mlflow_uri):
     tr = _tracker(mlflow_uri)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with tr.attach("0123456789abcdef0123456789abcdef"):  # no such run
+        with tr.attach("0123456789abcdef0123456789abcdef"):  # no such run: MLflow rejects every call
             tr.log_metrics({METRIC_DMD: 1.0}, step=0)
-    assert not tr.enabled
-    assert len([w for w in caught if issubclass(w.category, TrackingWarning)]) == 1
+            tr.log_metrics({METRIC_DMD: 2.0}, step=1)
+        run_id = tr.start_parent("after-the-rejection")
+        tr.log_metrics({METRIC_DMD: 3.0}, step=0)
+        tr.close()
+    assert tr.enabled and tr.delivery.dropped_failed >= 2
+    assert len([w for w in caught if "rejected" in str(w.message)]) == 1
+    assert MlflowClient(mlflow_uri).get_run(run_id).data.metrics == {METRIC_DMD: 3.0}
+
+
+def test_metrics_logged_while_the_server_is_down_arrive_when_it_is_back(tmp_path):
+    server = MlflowServer(tmp_path / "server").start()
+    try:
+        tr = _tracker(server.uri, retry_s=300.0)
+        run_id = tr.start_parent("through-an-outage")
+        tr.log_metrics({METRIC_DMD: 0.0}, step=0)
+        assert tr.flush(60)
+        server.stop()  # the outage: every call now fails with connection refused
+        for step in range(1, 6):
+            tr.log_metrics({METRIC_DMD: float(step)}, step=step)  # returns at once: queued
+        time.sleep(2.0)
+        assert tr._queue.pending() > 0 and tr.delivery.dropped_failed == 0
+        server.start()
+        tr.close()
+        history = MlflowClient(server.uri).get_metric_history(run_id, METRIC_DMD)
+        assert [(m.step, m.value) for m in history] == [(s, float(s)) for s in range(6)]  # all of them, in order
+        assert MlflowClient(server.uri).get_run(run_id).info.status == "FINISHED"
+        assert tr.delivery.retried > 0
+    finally:
+        server.stop()
+
+
+def test_a_full_queue_drops_its_oldest_calls_with_one_warning():
+    import threading
+
+    gate, delivered = threading.Event(), []
+    queue = DeliveryQueue(size=3, retry_s=10.0)
+    queue.put("block", gate.wait)  # the delivery thread sits on this one
+    time.sleep(0.2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(6):
+            queue.put("metrics", lambda i=i: delivered.append(i))
+    gate.set()
+    assert queue.flush(10)
+    assert delivered == [3, 4, 5] and queue.stats.dropped_full == 3
+    assert len([w for w in caught if "tracking.queue_size" in str(w.message)]) == 1
+    queue.close(1)
 
 
 def test_resume_or_start_returns_the_same_run(mlflow_uri):
@@ -148,11 +194,13 @@ def test_resume_or_start_returns_the_same_run(mlflow_uri):
 
     again = _tracker(mlflow_uri)  # the resubmitted job
     assert again.resume_or_start(name, tags=tags) == run_id
+    assert again.flush()
     assert MlflowClient(mlflow_uri).get_run(run_id).info.status == "RUNNING"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         again.log_params({"trainer.lr": 1e-5, "trainer.seed": 1})  # same value: fine; new key: logged
         again.log_params({"trainer.lr": 2e-5})  # MLflow params are immutable: warned, not fatal
+        assert again.flush()
     assert [str(w.message) for w in caught if "already logged" in str(w.message)]
     assert again.enabled
     again.close()
@@ -161,6 +209,23 @@ def test_resume_or_start_returns_the_same_run(mlflow_uri):
     other = _tracker(mlflow_uri)
     assert other.resume_or_start(name, tags={"stage": "stage2"}) != run_id
     other.close()
+
+
+def test_a_parent_run_is_continued_by_its_recorded_id_never_by_name(mlflow_uri):
+    first = _tracker(mlflow_uri)
+    a = first.start_parent("same-name")
+    first.close()
+    second = _tracker(mlflow_uri)
+    b = second.start_parent("same-name")  # another storage root: no id recorded there yet
+    second.close()
+    assert a != b
+    again = _tracker(mlflow_uri)
+    assert again.start_parent("same-name", run_id=a) == a  # the id recorded under the first root
+    again.close()
+    gone = _tracker(mlflow_uri)
+    c = gone.start_parent("same-name", run_id="f" * 32)  # recorded, but not in this store: a new run
+    gone.close()
+    assert c not in (a, b)
 
 
 def test_mask_uri():
@@ -181,7 +246,7 @@ def test_system_metrics_logged_and_degrade_without_psutil(mlflow_uri, monkeypatc
         run_id = tr.start_parent("with-system-metrics")
         time.sleep(0.8)
     metrics = MlflowClient(mlflow_uri).get_run(run_id).data.metrics
-    assert any(k.startswith("system/cpu_utilization") for k in metrics), sorted(metrics)
+    assert any(k.startswith(f"system/{tr.node_id}/cpu_utilization") for k in metrics), sorted(metrics)
 
     monkeypatch.setitem(sys.modules, "psutil", None)  # `import psutil` now raises ImportError
     with warnings.catch_warnings(record=True) as caught:
@@ -195,7 +260,7 @@ def test_system_metrics_logged_and_degrade_without_psutil(mlflow_uri, monkeypatc
 
 def test_main_runs_prints_parents_children_and_key_metrics(tmp_path, capsys):
     root = tmp_path / "runs"
-    overrides = [f"storage.root={root}", "tracking.experiment=exp-runs", "tracking.system_metrics=false"]
+    overrides = [f"storage.root={root}", "storage.experiment=exp-runs", "tracking.system_metrics=false"]
     cfg = load_config(None, overrides)
     with pytest.raises(InputError, match="no MLflow store"):
         main_runs(None, cfg)

@@ -326,7 +326,7 @@ def test_stage0_warmup_separates_slots_and_makes_the_rec_mask_non_empty():
         run(step, train=True)
     after = run(10_001, train=False)
     ln_n = math.log(B * mem.cfg.num_slots_per_chunk)
-    assert before.health["mask_coverage"] < 0.2 and before.health["cosine"] > 0.5
+    assert before.health["mask_coverage"] < 0.3 and before.health["cosine"] > 0.5  # the untrained grouper misses
     assert after.health["cosine"] < 0.5, after.health
     assert after.parts["slot_con"] < 0.5 * ln_n, after.parts
     assert after.health["mask_coverage"] >= 0.3, after.health

@@ -16,7 +16,7 @@ T = 2  # tokens per frame in the synthetic tests
 
 
 def tiny_cfg(**changes):
-    data = yaml.safe_load((REPO / "configs/tiny.yaml").read_text())["model"]
+    data = yaml.safe_load((REPO / "configs/tiny-random.yaml").read_text())["model"]
     data.update(changes)
     return build_section("model", data)
 

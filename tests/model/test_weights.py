@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_cfg(**changes):
-    data = yaml.safe_load((REPO / "configs/tiny.yaml").read_text())["model"]
+    data = yaml.safe_load((REPO / "configs/tiny-random.yaml").read_text())["model"]
     data.update(changes)
     return build_section("model", data)
 

@@ -22,7 +22,7 @@ PAIR = ("a red fox walks through deep snow", "the red fox leaps over a frozen st
 
 @pytest.fixture(scope="module")
 def cfg(repo_root):
-    return load_config(f"{repo_root}/configs/tiny.yaml", [
+    return load_config(f"{repo_root}/configs/tiny-random.yaml", [
         "rollout.num_frames=48", "rollout.switch_frames=[12,24,36]", "rollout.switch_choices=[21]"])
 
 

@@ -18,7 +18,7 @@ def test_interactive_generate_writes_playable_mp4(tmp_path, repo_root, capsys):
     script = _script(tmp_path, ['{"prompt": "a red fox walks through snow"}',
                                 '{"prompt": "the red fox leaps over a frozen stream"}'])
     out = tmp_path / "fox.mp4"
-    rc = main(["generate", "--config", f"{repo_root}/configs/tiny.yaml", "--prompts", script,
+    rc = main(["generate", "--config", f"{repo_root}/configs/tiny-random.yaml", "--prompts", script,
                "--switch-frames", "12", "--num-frames", "24", "--seed", "1", "-o", str(out)])
     assert rc == 0
     frames = iio.imread(out)
@@ -47,7 +47,7 @@ def test_bad_input_gives_one_clear_error(tmp_path, repo_root, capsys, args, need
     subst = {"SCRIPT": script, "MISSING": str(tmp_path / "nope.jsonl"), "BAD": str(bad)}
     args = [subst.get(a, a) for a in args]
     needle = subst.get(needle, needle)
-    rc = main(["generate", "--config", f"{repo_root}/configs/tiny.yaml", "--num-frames", "48", *args,
+    rc = main(["generate", "--config", f"{repo_root}/configs/tiny-random.yaml", "--num-frames", "48", *args,
                "-o", str(tmp_path / "x.mp4")])
     err = capsys.readouterr().err
     assert rc == 2, err

@@ -28,7 +28,7 @@ SCRIPTS = [("a fox in snow",), ("a dog runs on a beach", "the dog swims"), ("one
 
 @pytest.fixture(scope="module")
 def base_cfg(repo_root):
-    return load_config(f"{repo_root}/configs/tiny.yaml", [
+    return load_config(f"{repo_root}/configs/tiny-random.yaml", [
         "rollout.num_frames=48", "rollout.switch_frames=[12,24,36]", "rollout.switch_choices=[9,21,33]"])
 
 
@@ -183,14 +183,29 @@ def test_two_actors_commit_a_round_that_ray_data_reads_back(base_cfg, tmp_path, 
     assert read_manifest(storage, 0) == manifest
 
 
-def test_round_on_s3(base_cfg, s3_server, reference, no_leftovers):
-    cfg = make_cfg(base_cfg, f"s3://{s3_server['bucket']}/rounds-{uuid.uuid4().hex[:6]}", trajectories_per_round=2)
-    cfg = dataclasses.replace(cfg, storage=replace(cfg.storage, s3_endpoint=s3_server["endpoint"]))
-    storage = resolve_storage(cfg.storage)
-    result = run_round(cfg, 0, progress=False)
+def test_round_on_s3_through_the_cli_with_its_mlflow_run(base_cfg, s3_server, reference, no_leftovers, tmp_path,
+                                                         capsys):
+    from types import SimpleNamespace
 
-    assert result.uri.startswith(f"s3://{s3_server['bucket']}/rounds-")
+    from mlflow.tracking import MlflowClient
+
+    from rollout.round import main as rollout_main
+
+    cfg = make_cfg(base_cfg, f"s3://{s3_server['bucket']}/rounds-{uuid.uuid4().hex[:6]}", trajectories_per_round=2)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = dataclasses.replace(cfg, storage=replace(cfg.storage, s3_endpoint=s3_server["endpoint"]),
+                              tracking=replace(cfg.tracking, tracking_uri=uri, system_metrics=False))
+    storage = resolve_storage(cfg.storage)
+    assert rollout_main(SimpleNamespace(round_index=0), cfg) == 0  # what `slotmem rollout --round 0` runs
+    assert f"committed round 0: s3://{s3_server['bucket']}/rounds-" in capsys.readouterr().out
+
     assert committed_rounds(storage) == [0]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])
+    assert run.info.run_name == f"{cfg.experiment}-rollout-round0" and run.info.status == "FINISHED"
+    assert run.data.tags["stage"] == "rollout" and run.data.tags["round"] == "0"
+    assert run.data.metrics["frames_per_s"] > 0 and run.data.metrics["rollout/trajectories"] == 2
+    assert run.data.params["storage.root"] == cfg.storage.root
     rows = rows_of(storage)
     for row, spec in zip(rows, specs_of(cfg)):
         assert row["trajectory_id"] == spec.trajectory_id

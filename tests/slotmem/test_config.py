@@ -43,17 +43,17 @@ def test_wan_preset_has_the_paper_defaults(repo_root):
 
 
 def test_tiny_preset_loads_and_is_small(repo_root):
-    cfg = load_config(f"{repo_root}/configs/tiny.yaml")
+    cfg = load_config(f"{repo_root}/configs/tiny-random.yaml")
     assert cfg.model.dim <= 128 and cfg.model.num_layers <= 4
     assert cfg.cluster.gpus_per_actor == 0 and cfg.cluster.gpus_per_worker == 0
 
 
 def test_overrides_apply_with_types(repo_root):
-    cfg = load_config(f"{repo_root}/configs/tiny.yaml",
-                      ["trainer.lr=1e-4", "memory.kind=none", "rollout.switch_frames=[30,60]", "trainer.zero_stage=3"])
+    cfg = load_config(f"{repo_root}/configs/tiny-random.yaml",
+                      ["trainer.lr=1e-4", "memory.kind=none", "rollout.switch_frames=[12,24]", "trainer.zero_stage=3"])
     assert cfg.trainer.lr == 1e-4 and isinstance(cfg.trainer.lr, float)
     assert cfg.memory.kind == "none"
-    assert cfg.rollout.switch_frames == (30, 60)
+    assert cfg.rollout.switch_frames == (12, 24)
     assert cfg.trainer.zero_stage == 3
 
 
@@ -86,8 +86,8 @@ def test_config_is_frozen():
     ("memory.retrieve_top_k=100", "memory.retrieve_top_k (100) must be <="),
     ("memory.tokens_per_slot=4096", "memory.tokens_per_slot (4096) must be <= the tokens of one chunk"),
     ("memory.con_temperature=0", "memory.con_temperature must be in"),
-    ("rollout.switch_frames=[80,40]", "rollout.switch_frames must be strictly increasing"),
-    ("rollout.switch_frames=[40,400]", "rollout.switch_frames must be in [1, 239]"),
+    ("rollout.switch_frames=[30,12]", "rollout.switch_frames must be strictly increasing"),
+    ("rollout.switch_frames=[12,400]", "rollout.switch_frames must be in [1, 47]"),
     ("rollout.switch_choices=[]", "rollout.switch_choices must not be empty"),
     ("rollout.switch_mode=sometimes", "rollout.switch_mode must be one of"),
     ("rollout.num_frames=241", "rollout.num_frames (241) must be a multiple"),
@@ -99,12 +99,13 @@ def test_config_is_frozen():
     ("cluster.address=", "cluster.address must be"),
     ("storage.root=http://x", "storage.root must be a local path, file:// or s3:// URI"),
     ("storage.experiment=a/b", "storage.experiment must be a non-empty name without '/'"),
-    ("tracking.experiment=", "tracking.experiment must be a non-empty string"),
+    ("tracking.experiment=a/b", "tracking.experiment must be a non-empty name without"),
+    ("tracking.experiment=other", "tracking.experiment ('other') differs from storage.experiment"),
     ("pipeline.max_policy_lag=-1", "pipeline.max_policy_lag must be in [0, inf]"),
 ])
 def test_validation_errors_name_the_field(repo_root, override, needle):
     with pytest.raises(ConfigError) as e:
-        load_config(f"{repo_root}/configs/tiny.yaml", [override])
+        load_config(f"{repo_root}/configs/tiny-random.yaml", [override])
     assert needle in str(e.value)
 
 
@@ -158,6 +159,6 @@ def test_cli_config_show_prints_the_13b_shapes(repo_root, capsys):
 
 
 def test_cli_config_error_is_one_line(repo_root, capsys):
-    assert main(["config", "show", "--config", f"{repo_root}/configs/tiny.yaml", "--set", "memory.kind=x"]) == 2
+    assert main(["config", "show", "--config", f"{repo_root}/configs/tiny-random.yaml", "--set", "memory.kind=x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "memory.kind" in err
