@@ -261,11 +261,17 @@ class _SelfAttentionPlan:
     memory: list[tuple[Tensor, Tensor] | None] | None
     mask: Tensor | None
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def window(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """A copy of the cached keys/values `layer` sees now (for a checkpointed block: its recompute in backward
+        runs after later chunks' commits have rewritten the cache buffers in place)."""
+        return tuple(t.clone() for t in self.cache[layer].window(self.num_frames))
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, *,
+               window: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
         mem = self.memory[layer] if self.memory is not None else None
         if self.cache is not None:
             cache = self.cache[layer]
-            sink_k, sink_v, local_k, local_v = cache.window(self.num_frames)
+            sink_k, sink_v, local_k, local_v = window if window is not None else cache.window(self.num_frames)
             mem_k, mem_v = mem if mem is not None else (k[:, :0], v[:, :0])
             out = attention(q, torch.cat([sink_k, mem_k, local_k, k], dim=1),
                             torch.cat([sink_v, mem_v, local_v, v], dim=1))
@@ -480,6 +486,8 @@ class CausalWanModel(nn.Module):
             text_k, text_v = self._text_kv(text, layer, stamp, context)
             attend_self = functools.partial(plan.attend, layer)
             if self.gradient_checkpointing and torch.is_grad_enabled() and not commit:
+                if cache is not None:  # the recompute must see the window of now, not of the backward's time
+                    attend_self = functools.partial(plan.attend, layer, window=plan.window(layer))
                 tokens, state = checkpoint(block, tokens, e0, cos, sin, text_k, text_v, attend_self,
                                            use_reentrant=False)
             else:

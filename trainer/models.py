@@ -109,6 +109,9 @@ def build_training_models(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, me
         return TrainingModels(generator=generator.to(device).train(), critic=None, teacher=None, scheduler=scheduler)
     teacher = build_teacher(model_cfg, teacher_cfg, generator)
     critic = build_critic(model_cfg, trainer_cfg, generator.backbone.state_dict())
+    # activations of the rolled chunks and the critic's 21-frame clip are what fills a 1.3B rank without it
+    # (bench/memory_accounting.py); the teacher never runs backward
+    generator.backbone.gradient_checkpointing = critic.gradient_checkpointing = trainer_cfg.gradient_checkpointing
     apply_backbone_mode(generator, critic, trainer_cfg)
     if hasattr(generator.memory, "decoder"):
         generator.memory.decoder.requires_grad_(False)  # Stage 0 only

@@ -130,6 +130,9 @@ class TrainerConfig:
     """Weight of the slot loss in the generator objective (eq. 6, Table 6)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage (1, 2 or 3)."""
+    gradient_checkpointing: bool = True
+    """Recompute each block in backward (generator and critic): at 1.3B a generator update's activations drop from
+    ~133 GiB to ~21 GiB per rank (bench/memory_accounting.py), the price is one more forward per block."""
     zero3_param_persistence_threshold: int = 100_000
     """ZeRO-3: parameters with fewer elements stay replicated (DeepSpeed's default); 0 partitions every parameter
     (the tiny preset, whose tensors are all smaller than the default)."""

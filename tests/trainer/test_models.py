@@ -55,6 +55,10 @@ def test_teacher_and_critic_load_their_own_paths(cfg, tmp_path):
         assert torch.equal(m.critic.state_dict()[key], value)
     assert not torch.equal(m.critic.blocks[0].self_attn.q.weight, m.generator.backbone.blocks[0].self_attn.q.weight)
     assert not any(p.requires_grad for p in m.teacher.parameters())
+    assert not m.generator.backbone.gradient_checkpointing  # the tiny preset turns it off ...
+    on = build(cfg, gradient_checkpointing=True)  # ... the 1.3B default recomputes generator and critic blocks
+    assert on.generator.backbone.gradient_checkpointing and on.critic.gradient_checkpointing
+    assert not on.teacher.gradient_checkpointing
 
 
 def test_bad_teacher_and_critic_checkpoints_name_the_field_and_the_file(cfg, tmp_path):
