@@ -1,13 +1,14 @@
 """Where processes go: the one module that creates placement groups and trainer resource specs.
 
-Rollout actors get one placement-group bundle each, reserved all at once, so a round either has
-all its actors or fails up front with the shape and the cluster's resources, instead of running
-with half of them. Strategy PACK (the default): rollout actors never talk to each other, so
-spreading buys nothing, while packing keeps whole nodes free for the trainer's PACK group (its
-workers do all-reduce every step) and is still best-effort, so it schedules across nodes when one
-node is not enough. STRICT_PACK would refuse a cluster of one-GPU nodes; SPREAD / STRICT_SPREAD
-fragment GPUs. With ``cluster.pin_node_types`` each bundle also holds a share of the
-``rollout_node`` resource, so the group lands on rollout nodes only (cluster/shape.py).
+Rollout actors get one single-bundle placement group each, all reserved before any actor starts, so a fleet
+either has all its actors or fails up front with the shape and the cluster's resources, instead of running with
+half of them. One group per actor, not one group of N bundles, because a group whose node is lost goes to
+RESCHEDULING until that bundle fits again, and Ray schedules pending placement groups in order: a half-lost
+rollout group would block every placement group behind it — the trainer's next stage included. With one group per
+actor, retiring an actor of a lost node removes its group and nothing waits for it (``RolloutPlacement.release``).
+Each group's bundle is placed by Ray's default policy (pack a node up to half its resources, then spread); with
+``cluster.pin_node_types`` each bundle also holds a share of the ``rollout_node`` resource, so actors land on
+rollout nodes only (cluster/shape.py).
 
 Trainer workers are placed by Ray Train itself from ``scaling_config(shape)``.
 """
@@ -24,21 +25,19 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.shape import ClusterShape
 from slotmem.errors import InputError
 
-ROLLOUT_STRATEGY = "PACK"
-
 
 @dataclass
 class RolloutPlacement:
-    """A ready placement group with one bundle per rollout actor."""
+    """Ready placement groups, one single-bundle group per rollout actor."""
 
-    pg: PlacementGroup
+    pgs: list[PlacementGroup]
     shape: ClusterShape
 
     def strategy(self, index: int) -> PlacementGroupSchedulingStrategy:
-        """Scheduling strategy putting actor `index` into its own bundle."""
+        """Scheduling strategy putting actor `index` into its own group."""
         if not 0 <= index < self.shape.num_rollout_actors:
             raise InputError(f"rollout actor index {index} outside [0, {self.shape.num_rollout_actors})")
-        return PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=index)
+        return PlacementGroupSchedulingStrategy(placement_group=self.pgs[index], placement_group_bundle_index=0)
 
     def actor_options(self, index: int) -> dict[str, Any]:
         """Everything for ``ActorClass.options(**...)``: the bundle's resources and strategy."""
@@ -50,23 +49,28 @@ class RolloutPlacement:
             opts["resources"] = custom
         return opts
 
+    def release(self, index: int) -> None:
+        """Free actor `index`'s group (its actor is retired: a lost node's bundle must not wait to be replaced)."""
+        remove_placement_group(self.pgs[index])
+
     def remove(self) -> None:
-        remove_placement_group(self.pg)
+        for pg in self.pgs:
+            remove_placement_group(pg)
 
 
-def rollout_placement_group(shape: ClusterShape, timeout_s: float = 120.0,
-                            strategy: str = ROLLOUT_STRATEGY) -> RolloutPlacement:
-    """Reserve one bundle per rollout actor; wait until all are placed (InputError on timeout)."""
-    bundles = [shape.actor_resources() for _ in range(shape.num_rollout_actors)]
-    pg = placement_group(bundles, strategy=strategy)
-    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
-    if not ready:
-        remove_placement_group(pg)  # a pending group would grab resources as soon as they free up
-        raise InputError(f"could not place {shape.num_rollout_actors} rollout actor(s) × {bundles[0]} "
-                         f"({strategy}) within {timeout_s:g} s; cluster resources: "
+def rollout_placement_group(shape: ClusterShape, timeout_s: float = 120.0) -> RolloutPlacement:
+    """Reserve one group per rollout actor; wait until all are placed (InputError on timeout, nothing left)."""
+    bundle = shape.actor_resources()
+    pgs = [placement_group([bundle]) for _ in range(shape.num_rollout_actors)]
+    ready, _ = ray.wait([pg.ready() for pg in pgs], num_returns=len(pgs), timeout=timeout_s)
+    if len(ready) < len(pgs):
+        for pg in pgs:
+            remove_placement_group(pg)  # a pending group would grab resources as soon as they free up
+        raise InputError(f"could not place {shape.num_rollout_actors} rollout actor(s) × {bundle} within "
+                         f"{timeout_s:g} s ({len(ready)} placed); cluster resources: "
                          f"{_fmt_resources(ray.cluster_resources())}, available: "
                          f"{_fmt_resources(ray.available_resources())}")
-    return RolloutPlacement(pg=pg, shape=shape)
+    return RolloutPlacement(pgs=pgs, shape=shape)
 
 
 def scaling_config(shape: ClusterShape):

@@ -89,6 +89,7 @@ def _stage_phase(cfg: Config, storage: Storage, state: PipelineState, stage: int
     if cfg.pipeline.mode == "sequential":
         for r in fleet.roll_out(1):
             print(f"[pipeline] {r.summary()}")
+    fleet.check()
     res = run_stage(cfg, stage, parent_run_id=parent_run_id, demand=fleet.demand, control=control.actor,
                     preflight_job=False)
     fleet.check()

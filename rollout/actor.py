@@ -181,7 +181,7 @@ class RolloutActor:
         timings["write_s"] = time.perf_counter() - t3
         timings["total_s"] = time.perf_counter() - t0
         return {"shard": shard.to_dict(), "trajectory_id": spec.trajectory_id, "actor_id": self.actor_id,
-                "pid": os.getpid(), "policy_version": self.policy_version, "timings": timings}
+                "pid": os.getpid(), "node": _node_id(), "policy_version": self.policy_version, "timings": timings}
 
 
 def _node_id() -> str:

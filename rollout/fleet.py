@@ -30,6 +30,7 @@ from slotmem.config import Config
 
 LOG_EVERY_S = 60.0
 PAUSE_S = 0.25
+NODE_CHECK_S = 5.0  # how often the continuous loop retires actors of lost nodes (rollout/round.py retire_lost)
 
 
 @ray.remote(num_cpus=0)
@@ -118,9 +119,12 @@ class RolloutFleet:
         self.group = None
 
     def check(self) -> None:
-        """Raise the background loop's error, if it failed."""
+        """Raise the background loop's error, if it failed; retire actors of lost nodes (before a stage starts,
+        so their placement groups cannot hold up the trainer's)."""
         if self.error is not None:
             raise RuntimeError(f"the rollout fleet stopped: {self.error}") from self.error
+        if self.group is not None:
+            self.group.retire_lost(self.log)
 
     # -- rounds -------------------------------------------------------------------------------
 
@@ -150,9 +154,12 @@ class RolloutFleet:
         return ray.get(self.demand.waiting.remote()) < ahead
 
     def _loop(self) -> None:
-        last_log = time.perf_counter()
+        last_log = last_check = time.perf_counter()
         try:
             while not self._stop.is_set():
+                if time.perf_counter() - last_check > NODE_CHECK_S:
+                    last_check = time.perf_counter()
+                    self.group.retire_lost(self.log)
                 if not self._wanted():
                     time.sleep(PAUSE_S)
                     self.stats.paused_s += PAUSE_S

@@ -102,6 +102,7 @@ class RolloutActorGroup:
             for i, actor_id in enumerate(self.actor_ids)]
         self.live = set(range(len(self.actors)))
         self.pids: dict[str, set[int]] = {}
+        self.nodes: dict[int, str] = {}  # the Ray node each actor last ran on
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -113,9 +114,22 @@ class RolloutActorGroup:
         return self.actors[index].generate_trajectory.remote(spec)
 
     def retire(self, index: int) -> None:
-        """Take an actor out of service (dead, or unreachable past rollout.stall_timeout_s)."""
+        """Take an actor out of service (dead, or unreachable past rollout.stall_timeout_s) and free its group."""
         self.live.discard(index)
         ray.kill(self.actors[index], no_restart=True)
+        self.placement.release(index)
+
+    def retire_lost(self, notice=print) -> list[int]:
+        """Retire the live actors whose node is gone. Ray would restart them once their placement group fits
+        again, but a group waiting to be rescheduled blocks the placement groups behind it (the trainer's next
+        stage), and a fleet that is paused sees no task fail."""
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        lost = sorted(i for i in self.live if i in self.nodes and self.nodes[i] not in alive)
+        for i in lost:
+            self.retire(i)
+            notice(f"[rollout] actor {self.actor_ids[i]} retired: its node {self.nodes[i][:12]} is gone; "
+                   f"{len(self.live)} live actor(s) left")
+        return lost
 
     def shutdown(self) -> None:
         """Kill the actors and free their bundles (also on errors: nothing is left running)."""
@@ -180,13 +194,16 @@ def dispatch(group: RolloutActorGroup, specs: list[TrajectorySpec], rollout_cfg:
                 # Ray already retried it on the restarted actor; what arrives here has no retries
                 # left on this actor, so another actor runs it (same spec, same content).
                 if isinstance(e, ActorDiedError):
-                    group.live.discard(index)
+                    group.retire(index)
+                else:  # unavailable: restarting, or its node is lost
+                    group.retire_lost(notice)
                 first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 _requeue(spec, failures, pending, group, rollout_cfg, notice,
                          f"actor {group.actor_ids[index]} lost ({type(e).__name__}: {first_line[:120]})")
                 continue
             results[spec.traj_index] = out
             group.pids.setdefault(out["actor_id"], set()).add(out["pid"])
+            group.nodes[index] = out["node"]
             if log is not None:
                 t = out["timings"]
                 log(f"[rollout] round {spec.round_index} {len(results)}/{len(specs)} {spec.trajectory_id} actor "
@@ -303,6 +320,7 @@ def start_group(cfg: Config, storage: Storage, name: str) -> tuple[RolloutActorG
         group.shutdown()
         raise
     group.pids = {info["actor_id"]: {info["pid"]} for info in ready}
+    group.nodes = {group.actor_ids.index(info["actor_id"]): info["node"] for info in ready}
     return group, ready, time.perf_counter() - t0
 
 

@@ -41,6 +41,28 @@ def test_storage_root_is_s3_in_both_manifests(launcher, rayjob, repo_root):
     assert roots["launcher"] == roots["rayjob"]
 
 
+def test_both_manifests_name_every_weight_and_mount_where_they_live(launcher, rayjob, repo_root):
+    """No empty weight path (the 1.3B preset refuses those), each one under /models, which every Ray container
+    of both manifests mounts read-only."""
+    from slotmem.config import check_weights
+
+    for tokens in (_launcher_submit_command(repo_root), shlex.split(rayjob["spec"]["entrypoint"])):
+        sets = _sets(tokens)
+        cfg = load_config(f"{repo_root}/{tokens[tokens.index('--config') + 1]}", [f"{k}={v}" for k, v in sets.items()])
+        check_weights(cfg, "pipeline")
+        paths = [cfg.model.model_path, cfg.model.text_encoder_path, cfg.model.tokenizer_path, cfg.model.vae_path,
+                 cfg.teacher.model_path, cfg.trainer.critic_path]
+        assert all(p.startswith("/models/") for p in paths), paths
+    assert "--volume /mnt/models:/models:ro" in launcher["docker"]["run_options"]
+    assert any("/mnt/models" in c for c in launcher["initialization_commands"])
+    for name, group in _pods(rayjob).items():
+        spec = group["template"]["spec"]
+        mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+        assert mounts["models"]["mountPath"] == "/models" and mounts["models"]["readOnly"], name
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["models"]["persistentVolumeClaim"] == {"claimName": "slotmem-models", "readOnly": True}, name
+
+
 def test_no_aws_secrets_in_either_manifest(repo_root, launcher, k8s_docs):
     for path in ("ray_cluster.yaml", "cluster/kuberay-rayjob.yaml", "Dockerfile"):
         with open(f"{repo_root}/{path}") as f:
