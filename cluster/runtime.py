@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from slotmem.config import ClusterConfig
@@ -43,8 +44,16 @@ def connect(cluster_cfg: ClusterConfig):
             # More logical CPUs than cores, so Ray Data read tasks can be scheduled next to Train workers
             # (cpu-stack-notes: with every CPU taken by workers the dataset read deadlocks). Worker output goes
             # to the session's log files; the console shows our progress lines (log_to_driver=False).
-            ray.init(num_cpus=cluster_cfg.local_num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
-                     log_to_driver=False, logging_level="WARNING")
+            # Ray 2.60 turns token auth on for a local cluster and says so on every start: this cluster is the job's
+            # own (started and stopped with this job, no dashboard), so the notice is noise on the console.
+            notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+            level = notice.level
+            notice.setLevel(logging.ERROR)
+            try:
+                ray.init(num_cpus=cluster_cfg.local_num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+                         log_to_driver=False, logging_level="WARNING")
+            finally:
+                notice.setLevel(level)
         elif os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
             # A driver started by `ray job submit` / `slotmem submit`: the job's runtime_env already applies.
             ray.init(address=None if cluster_cfg.address == "local" else cluster_cfg.address, log_to_driver=False,

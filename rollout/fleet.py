@@ -113,7 +113,11 @@ class RolloutFleet:
         """Stop committing (an in-flight round is abandoned: it was never committed) and free the actors."""
         self._stop.set()
         if self.group is not None:
-            self.group.shutdown()  # unblocks a dispatch waiting on the actors
+            self.group.closing = True  # a dispatch in flight returns at its next wait (<= 10 s), quietly
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+        if self.group is not None:
+            self.group.shutdown()
         if self._thread is not None:
             self._thread.join(timeout=60)
         self.group = None

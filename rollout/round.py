@@ -103,6 +103,7 @@ class RolloutActorGroup:
         self.live = set(range(len(self.actors)))
         self.pids: dict[str, set[int]] = {}
         self.nodes: dict[int, str] = {}  # the Ray node each actor last ran on
+        self.closing = False  # set before shutdown: a dispatch in flight abandons its round without requeueing
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -133,6 +134,7 @@ class RolloutActorGroup:
 
     def shutdown(self) -> None:
         """Kill the actors and free their bundles (also on errors: nothing is left running)."""
+        self.closing = True
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.placement.remove()
@@ -174,6 +176,8 @@ def dispatch(group: RolloutActorGroup, specs: list[TrajectorySpec], rollout_cfg:
             raise RuntimeError(f"rollout round {specs[0].round_index}: no rollout actor is left "
                                f"(rollout.max_restarts={rollout_cfg.max_restarts})")
         done, _ = ray.wait(list(in_flight), num_returns=1, timeout=min(10.0, rollout_cfg.stall_timeout_s))
+        if group.closing:  # the fleet is stopping: the round is abandoned (never committed), nothing is requeued
+            raise RoundAbandoned(f"rollout round {specs[0].round_index} abandoned: the fleet is stopping")
         now = time.perf_counter()
         for ref, (index, spec, started) in list(in_flight.items()):
             if ref not in done and now - started > rollout_cfg.stall_timeout_s:  # its node is gone, say
@@ -210,6 +214,10 @@ def dispatch(group: RolloutActorGroup, specs: list[TrajectorySpec], rollout_cfg:
                     f"{out['actor_id']} policy v{out['policy_version']}: {t['total_s']:.2f} s (generate "
                     f"{t['generate_s']:.2f} s, write {t['write_s']:.2f} s) switch {list(spec.switch_frames)}")
     return _Dispatch([results[s.traj_index] for s in specs], sum(failures))
+
+
+class RoundAbandoned(RuntimeError):
+    """A round given up because its actor group is shutting down."""
 
 
 def _requeue(spec, failures, pending, group, rollout_cfg, log, why: str) -> None:

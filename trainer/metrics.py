@@ -100,7 +100,7 @@ class StepMetrics:
         if (step + 1) % interval == 0 or step + 1 == self.total or due:
             rate = (step + 1 - self.first_step) / max(time.perf_counter() - self.t_start, 1e-9)
             shown = " ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in
-                             ("loss/critic", "loss/dmd", "loss/slot_con", "loss/slot_feat", "slot/cosine",
-                              "slot/mask_coverage") if k in metrics)
+                             ("loss/critic", "loss/dmd", "loss/slot_con", "loss/slot_rec", "loss/slot_feat",
+                              "slot/cosine", "slot/mask_coverage") if k in metrics and (k != "loss/slot_rec" or self.stage == 2))
             self._print(f"step {step + 1}/{self.total} {shown} lag p50/p95={metrics['policy_lag/p50']:.3g}/"
                         f"{metrics['policy_lag/p95']:.3g} {rate:.2f} steps/s")
