@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import uuid
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from slotmem.errors import InputError
 
 STOP_TIMEOUT_S = 900.0
+AGENT_WAIT_S = 120.0  # how long a call waits for a starting head's job agent
 _STAGE_LINE = re.compile(r"^\[train (?P<stage>stage\d)\] step (?P<step>\d+)/(?P<total>\d+) (?P<rest>.*)$")
 _STAGE_START = re.compile(r"^\[train (?P<stage>stage\d)\] (?:starting|resuming) at step (?P<step>\d+)/(?P<total>\d+)")
 _PAIR = re.compile(r"(?P<key>[a-z_/0-9]+)=(?P<value>[-+.\deE/naif]+)")
@@ -36,6 +38,9 @@ class JobsClient:
 
         use_token_auth_if_given()  # before Ray is imported: it reads the mode once
         from ray.job_submission import JobSubmissionClient
+
+        # the SDK logs every packaging step at INFO on the console ("Ignoring upload ...", "Uploading package ...")
+        logging.getLogger("ray").setLevel(logging.WARNING)
 
         if not address.startswith(("http://", "https://")):
             raise InputError(f"--address {address!r}: expected the dashboard URL, e.g. http://HEAD:8265")
@@ -56,10 +61,17 @@ class JobsClient:
         return f"{what}: {first}"
 
     def call(self, what: str, fn):
-        try:
-            return fn(self.client)
-        except Exception as e:  # noqa: BLE001 - the SDK raises RuntimeError for HTTP errors, e.g. 404 unknown job
-            raise InputError(self._describe(e, what)) from None
+        """fn(client), retried while the head's job agent is still starting (a fresh `ray start` answers
+        500 'No available agent' for seconds to a minute on a busy machine), else one line."""
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                return fn(self.client)
+            except Exception as e:  # noqa: BLE001 - the SDK raises RuntimeError for HTTP errors, e.g. 404 unknown job
+                if "No available agent" in str(e) and time.monotonic() < deadline:
+                    time.sleep(2.0)
+                    continue
+                raise InputError(self._describe(e, what)) from None
 
 
 def client_for(address: str) -> JobsClient:

@@ -21,6 +21,7 @@ authentication on, export the head's token first (``RAY_AUTH_TOKEN``, see cluste
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import time
@@ -158,6 +159,14 @@ def ray_job_submit_command(address: str, submission_id: str, runtime_env: dict[s
             f"{shlex.quote(json.dumps(env, separators=(',', ':')))} -- {shlex.join(entrypoint)}")
 
 
+class _NotDefaultExcludeNotice(logging.Filter):
+    """Ray 2.60 warns per directory that it now skips .git and .venv when packaging a working_dir: we exclude
+    them ourselves (WORKING_DIR_EXCLUDES, printed with the submission), so the notice is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is now ignored by default when packaging" not in record.getMessage()
+
+
 def main_submit(args, cfg) -> int:
     """Submit `args.job` as a Ray job; follow its logs unless --no-wait. Exit code mirrors the job."""
     from cluster.jobs import client_for, follow
@@ -172,6 +181,7 @@ def main_submit(args, cfg) -> int:
     submission_id = args.submission_id or (
         f"slotmem-{entrypoint[1]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
     client = client_for(args.address)
+    logging.getLogger("ray._private.runtime_env.working_dir").addFilter(_NotDefaultExcludeNotice())
     job_id = client.call("submit", lambda c: c.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env,
                                                           submission_id=submission_id))
     print(f"submitted job {job_id} to {args.address}")

@@ -8,6 +8,7 @@ overrides. Heavy imports (torch, ray, deepspeed, mlflow) happen inside the subco
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from slotmem.config import ConfigError, dump_yaml, load_config
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, FileNotFoundError) as e:
         print(f"slotmem: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `slotmem status ... | head`: the reader left; no traceback, as other CLIs do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
