@@ -30,6 +30,7 @@ from slotmem.config import Config
 
 LOG_EVERY_S = 60.0
 PAUSE_S = 0.25
+DRAIN_S = 60.0  # how long a stopping fleet waits for its running trajectories before killing the actors
 NODE_CHECK_S = 5.0  # how often the continuous loop retires actors of lost nodes (rollout/round.py retire_lost)
 
 
@@ -113,9 +114,9 @@ class RolloutFleet:
         """Stop committing (an in-flight round is abandoned: it was never committed) and free the actors."""
         self._stop.set()
         if self.group is not None:
-            self.group.closing = True  # a dispatch in flight returns at its next wait (<= 10 s), quietly
+            self.group.closing = True  # a dispatch in flight lets its running trajectories finish, then returns
         if self._thread is not None:
-            self._thread.join(timeout=15)
+            self._thread.join(timeout=DRAIN_S)
         if self.group is not None:
             self.group.shutdown()
         if self._thread is not None:

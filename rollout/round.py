@@ -176,8 +176,8 @@ def dispatch(group: RolloutActorGroup, specs: list[TrajectorySpec], rollout_cfg:
             raise RuntimeError(f"rollout round {specs[0].round_index}: no rollout actor is left "
                                f"(rollout.max_restarts={rollout_cfg.max_restarts})")
         done, _ = ray.wait(list(in_flight), num_returns=1, timeout=min(10.0, rollout_cfg.stall_timeout_s))
-        if group.closing:  # the fleet is stopping: the round is abandoned (never committed), nothing is requeued
-            raise RoundAbandoned(f"rollout round {specs[0].round_index} abandoned: the fleet is stopping")
+        if group.closing:  # the fleet is stopping: nothing new starts, the running trajectories finish (an actor
+            pending.clear()  # killed mid-task makes Ray print a retry notice), the round is never committed
         now = time.perf_counter()
         for ref, (index, spec, started) in list(in_flight.items()):
             if ref not in done and now - started > rollout_cfg.stall_timeout_s:  # its node is gone, say
@@ -195,6 +195,8 @@ def dispatch(group: RolloutActorGroup, specs: list[TrajectorySpec], rollout_cfg:
             try:
                 out = ray.get(ref)
             except RayActorError as e:
+                if group.closing:
+                    continue  # shut down under it: nothing to requeue
                 # Ray already retried it on the restarted actor; what arrives here has no retries
                 # left on this actor, so another actor runs it (same spec, same content).
                 if isinstance(e, ActorDiedError):
@@ -213,6 +215,8 @@ def dispatch(group: RolloutActorGroup, specs: list[TrajectorySpec], rollout_cfg:
                 log(f"[rollout] round {spec.round_index} {len(results)}/{len(specs)} {spec.trajectory_id} actor "
                     f"{out['actor_id']} policy v{out['policy_version']}: {t['total_s']:.2f} s (generate "
                     f"{t['generate_s']:.2f} s, write {t['write_s']:.2f} s) switch {list(spec.switch_frames)}")
+    if group.closing:
+        raise RoundAbandoned(f"rollout round {specs[0].round_index} abandoned: the fleet is stopping")
     return _Dispatch([results[s.traj_index] for s in specs], sum(failures))
 
 
