@@ -29,7 +29,6 @@ else bench/results/gpu_bench.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os

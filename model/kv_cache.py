@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from slotmem.config import ModelConfig
 from slotmem.errors import InputError
 
 Span = tuple[int, int]  # [start, stop) of absolute latent frames
@@ -167,3 +168,19 @@ class LayerKVCache:
                 buf[:, :kept * T] = joined[:, joined.shape[1] - kept * T:]
             self.local_frames = kept
         self.end_frame = start_frame + num_frames
+
+
+def block_causal_mask(model_cfg: ModelConfig, start_frame: int, num_frames: int, tokens_per_frame: int,
+                      device: torch.device | str = "cpu") -> Tensor:
+    """[L, L] bool mask of the teacher-forced causal forward, equal to what the KV cache attends.
+
+    Query frame i in chunk b (chunks are aligned to absolute multiples of num_frame_per_block) sees
+    key frame j iff j < end(b) and (j < sink_size or j >= end(b) - (local_attn_size - sink_size)).
+    """
+    frames = torch.arange(start_frame, start_frame + num_frames, device=device)
+    nfb = model_cfg.num_frame_per_block
+    end = ((frames // nfb + 1) * nfb).clamp(max=start_frame + num_frames)[:, None]  # [F, 1]
+    key = frames[None, :]  # [1, F]
+    recent = model_cfg.local_attn_size - model_cfg.sink_size
+    visible = (key < end) & ((key < model_cfg.sink_size) | (key >= end - recent))  # [F, F]
+    return visible.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)

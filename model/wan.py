@@ -11,15 +11,13 @@ with (shift, scale, gate) = block.modulation + time projection of the token's fr
 head(LN(x) * (1 + scale) + shift) with a 2-way modulation of the time embedding, and unpatchify.
 Norms, modulation and the time path run in float32 whatever the parameter dtype (bfloat16 on GPU).
 
-Self-attention has three modes that share the same weights:
+Self-attention has three modes that share the same weights (memory items (K, V) from the slot bank are extra keys
+every query of the call attends to):
   * streaming (``cache`` given): one chunk attends to [sink, memory, recent committed frames, itself]
-    (model/kv_cache.py); ``commit=True`` (the clean re-run) stores the chunk's K/V;
-  * teacher-forced block-causal (``cache=None, causal=True``): a whole sequence under the windowed
-    block mask that reproduces the cache exactly (``block_causal_mask``);
-  * bidirectional (``causal=False``): full attention over the clip (teacher and critic).
-Memory items (K, V) from the slot bank are extra keys every query of the call attends to.
-The teacher-forced mode materialises an [L, L] boolean mask (21 frames of the 1.3B model: 32,760^2
-entries, about 1 GB); the streaming and bidirectional modes need no mask.
+    (model/kv_cache.py); ``commit=True`` (the clean re-run) stores the chunk's K/V; no mask;
+  * teacher-forced block-causal (``cache=None, causal=True``): a whole sequence under the windowed block mask that
+    reproduces the cache exactly (kv_cache.py ``block_causal_mask``: [L, L] bool, about 1 GB at 21 frames of the 1.3B model);
+  * bidirectional (``causal=False``): full attention over the clip (teacher and critic); no mask.
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from model.kv_cache import LayerKVCache
+from model.kv_cache import LayerKVCache, block_causal_mask
 from model.rope import Rope3D, apply_rope
 from model.schedule import build_scheduler
 from slotmem.config import ConfigError, ModelConfig
@@ -52,9 +50,7 @@ class LayerState:
     v: Tensor  # [B, L, H, D] values
 
 
-# ----------------------------------------------------------------------------------------------
-# text conditioning
-# ----------------------------------------------------------------------------------------------
+# -- text conditioning -----------------------------------------------------------------------------
 
 
 class TextContext:
@@ -102,9 +98,7 @@ class TextContext:
         return value
 
 
-# ----------------------------------------------------------------------------------------------
-# building blocks
-# ----------------------------------------------------------------------------------------------
+# -- building blocks -------------------------------------------------------------------------------
 
 
 class RMSNorm(nn.Module):
@@ -234,22 +228,6 @@ class Head(nn.Module):
         return self.head(modulate(self.norm(x), shift, scale).type_as(x))
 
 
-def block_causal_mask(model_cfg: ModelConfig, start_frame: int, num_frames: int, tokens_per_frame: int,
-                      device: torch.device | str = "cpu") -> Tensor:
-    """[L, L] bool mask of the teacher-forced causal forward, equal to what the KV cache attends.
-
-    Query frame i in chunk b (chunks are aligned to absolute multiples of num_frame_per_block) sees
-    key frame j iff j < end(b) and (j < sink_size or j >= end(b) - (local_attn_size - sink_size)).
-    """
-    frames = torch.arange(start_frame, start_frame + num_frames, device=device)
-    nfb = model_cfg.num_frame_per_block
-    end = ((frames // nfb + 1) * nfb).clamp(max=start_frame + num_frames)[:, None]  # [F, 1]
-    key = frames[None, :]  # [1, F]
-    recent = model_cfg.local_attn_size - model_cfg.sink_size
-    visible = (key < end) & ((key < model_cfg.sink_size) | (key >= end - recent))  # [F, F]
-    return visible.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
-
-
 @dataclass
 class _SelfAttentionPlan:
     """How this call's queries see keys in every layer (the mode of the forward)."""
@@ -287,9 +265,7 @@ class _SelfAttentionPlan:
         return attention(q, k, v, mask)
 
 
-# ----------------------------------------------------------------------------------------------
-# the model
-# ----------------------------------------------------------------------------------------------
+# -- the model -------------------------------------------------------------------------------------
 
 
 class CausalWanModel(nn.Module):

@@ -66,9 +66,7 @@ class CorruptShardWarning(UserWarning):
     """A committed shard failed its size/sha256/parquet check and was skipped."""
 
 
-# ----------------------------------------------------------------------------------------------
-# rows
-# ----------------------------------------------------------------------------------------------
+# -- rows ------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -208,9 +206,7 @@ def _embedding_from_bytes(data: bytes, shape: Iterable[int], dtype_name: str, wh
     return _numpy_to_tensor(emb, dtype_name, what)
 
 
-# ----------------------------------------------------------------------------------------------
-# Ray Data rows/batches -> torch
-# ----------------------------------------------------------------------------------------------
+# -- Ray Data rows/batches -> torch ----------------------------------------------------------------
 
 
 def row_to_torch(row: dict[str, Any]) -> dict[str, Any]:
@@ -267,9 +263,7 @@ def batch_to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# writing and committing
-# ----------------------------------------------------------------------------------------------
+# -- writing and committing ------------------------------------------------------------------------
 
 
 def shard_name(actor_id: str, seq: int) -> str:
@@ -356,9 +350,7 @@ def commit_round(storage: Storage, round_index: int, written_files: Iterable[Sha
     return manifest
 
 
-# ----------------------------------------------------------------------------------------------
-# reading committed rounds
-# ----------------------------------------------------------------------------------------------
+# -- reading committed rounds ----------------------------------------------------------------------
 
 
 def committed_rounds(storage: Storage) -> list[int]:
@@ -392,11 +384,6 @@ def read_manifest(storage: Storage, round_index: int) -> dict[str, Any]:
     return manifest
 
 
-def _check_on_corrupt(on_corrupt: str) -> None:
-    if on_corrupt not in ("raise", "skip"):
-        raise InputError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
-
-
 def _corrupt(storage: Storage, path: str, problem: str, on_corrupt: str) -> None:
     msg = f"corrupt rollout shard {storage.uri(path)}: {problem}"
     if on_corrupt == "raise":
@@ -425,7 +412,8 @@ def _checked(storage: Storage, round_index: int, on_corrupt: str, check) -> list
     Returns the values of the files without a problem; a problem file is reported by name and raises or is
     skipped (``on_corrupt``). A transient storage error is re-raised: an outage must never skip data.
     """
-    _check_on_corrupt(on_corrupt)
+    if on_corrupt not in ("raise", "skip"):
+        raise InputError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
     rdir = storage.round_dir(round_index)
     values = []
     for entry in read_manifest(storage, round_index)["files"]:
