@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean toyworld
 
 setup: $(STAMP)
 
@@ -17,15 +17,21 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q --timeout=300 tests
+	$(BIN)/python -m pytest -q --timeout=300 --durations=20 tests
 
 demo: setup
 	$(BIN)/slotmem pipeline --config configs/tiny.yaml
+
+# The toy world's VAE, text encoder, teacher and student bases (toyworld/weights/, < 45 min on 2 CPU cores).
+toyworld: setup
+	$(BIN)/python -m toyworld.train all
 
 bench: setup
 	$(BIN)/python bench/memory_retention.py
 	$(BIN)/python bench/rollout_throughput.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/loop.py
+	$(BIN)/python bench/flops.py
 
 clean:
 	rm -rf $(VENV) runs

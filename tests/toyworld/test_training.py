@@ -1,0 +1,161 @@
+"""The training pieces on tiny budgets, and the committed artifacts through the pipeline's loaders."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+
+from model.text import build_text_encoder
+from model.vae import build_vae
+from model.wan import CausalWanModel
+from model.weights import load_checkpoint, read_checkpoint
+from rollout.components import build_generator
+from rollout.streaming import StreamState
+from slotmem.config import build_section
+from toyworld import train_causal as tc
+from toyworld.configs import (LATENT_SIZE, Artifacts, student_memory_config, student_model_config,
+                              teacher_model_config, trained_model_config)
+from toyworld.data import LatentDataset, window_starts
+from toyworld.palette import pixel_frames
+from toyworld.sampling import euler_sample, stream_sample, student_generator
+from toyworld.scripts import Script, training_script
+from toyworld.text import UNCONDITIONAL_PROMPTS, load_text_encoder, save_text_encoder
+from toyworld.train_flow import text_batch, train_bidirectional
+from toyworld.train_vae import train_vae
+from toyworld.world import render
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text")
+    save_text_encoder(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    scripts = [training_script(s) for s in range(3)]
+    latents = torch.randn(3, 2, 30, 16, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(0))
+    return LatentDataset(scripts, latents.half())
+
+
+def test_saved_text_encoder_is_the_tiny_seeded_one(text_dir):
+    prompt = "a red circle and a blue square on a grey background"
+    loaded = build_text_encoder(student_model_config(text_encoder_path=str(text_dir)))
+    fresh = build_text_encoder(student_model_config())
+    a, mask = loaded.encode([prompt])
+    b, _ = fresh.encode([prompt])
+    assert a.shape == (1, 128, 32) and torch.equal(a, b)
+    assert int(mask.sum()) == len(prompt.encode()) + 1  # one byte per token plus EOS (ByT5)
+
+
+def test_vae_stats_are_the_measured_latent_statistics(tmp_path):
+    out = tmp_path / "vae"
+    first = train_vae(out, steps=1, batch=1, measure=False)  # the 5-frame stage, then the 9-frame fine-tune from it
+    assert "latents_std" not in first
+    summary = train_vae(out, steps=1, batch=1, frames=9, init=out, stats_videos=1, stats_frames=3, psnr_clips=0)
+    model = AutoencoderKLWan.from_pretrained(str(out), torch_dtype=torch.float32)
+    world = training_script(0).world(0)
+    video = torch.from_numpy(render(world, 0, pixel_frames(3))).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        z = model.encode(video).latent_dist.mode()[0].flatten(1)  # [C, F*h*w], independent of model/vae.py
+    assert np.allclose(model.config.latents_mean, z.mean(1).numpy(), atol=2e-3)
+    assert np.allclose(model.config.latents_std, z.std(1).numpy(), rtol=2e-2)
+    vae = build_vae(student_model_config(vae_path=str(out)))
+    normalised = vae.encode(torch.from_numpy(render(world, 0, pixel_frames(3)))[None])[0]  # [F, C, h, w]
+    per_channel = normalised.transpose(0, 1).flatten(1)
+    assert torch.allclose(per_channel.mean(1), torch.zeros(16), atol=0.02)
+    assert torch.allclose(per_channel.std(1), torch.ones(16), atol=0.03)
+    assert summary["latents_std"] == pytest.approx(list(model.config.latents_std))
+
+
+def test_text_dropout_uses_the_unconditional_prompts(text_dir):
+    text = load_text_encoder(text_dir)
+    rng = np.random.default_rng(0)
+    prompts = ["a red circle on a grey background"] * 8
+    kept = text_batch(text, prompts, rng, dropout=0.0)
+    dropped = text_batch(text, prompts, rng, dropout=1.0)
+    assert torch.equal(kept, text.encode(prompts)[0])
+    uncond = text.encode(list(UNCONDITIONAL_PROMPTS))[0]
+    for row in dropped:
+        assert any(torch.equal(row, u) for u in uncond)
+
+
+def test_windows_are_labelled_by_the_prompt_that_describes_them(dataset):
+    x0, prompts = dataset.clip_batch(np.random.default_rng(0), 6)
+    assert x0.shape == (6, 21, 16, LATENT_SIZE, LATENT_SIZE)
+    for s, script in enumerate(dataset.scripts):
+        starts = window_starts(script)
+        for ev in script.events:  # no window starts while an earlier segment's event is still going on
+            seg_end = next((f for f in script.switch_frames if f > ev.frame), script.num_frames)
+            assert not any(ev.frame <= a < ev.frame + 10 and a + 20 >= seg_end for a in starts)
+
+
+def test_bidirectional_training_saves_a_wan_checkpoint(tmp_path, text_dir, dataset):
+    out = tmp_path / "teacher.safetensors"
+    ema, summary = train_bidirectional("teacher", teacher_model_config(), dataset, load_text_encoder(text_dir), out,
+                                       steps=2, batch=2, lr=1e-3, log_every=1)
+    model = CausalWanModel(teacher_model_config())
+    assert load_checkpoint(model, out) == "wan"
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, ema.state_dict()[name].half().float()), name
+    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+
+
+def test_causal_training_streams_with_memory(monkeypatch, tmp_path, text_dir, dataset):
+    reads = []
+    original = StreamState.read_memory
+
+    def spy(self, *args, **kwargs):
+        kv = original(self, *args, **kwargs)
+        if not args and not kwargs:  # the chunk's read (the recache reads with explicit frames)
+            reads.append(kv is not None)
+        return kv
+
+    monkeypatch.setattr(StreamState, "read_memory", spy)
+    init = CausalWanModel(student_model_config()).state_dict()
+    out = tmp_path / "causal.safetensors"
+    backbone, summary = tc.train_causal(dataset, load_text_encoder(text_dir), init, out, passes=1, lr=1e-3,
+                                        num_frames=24)
+    # items are read once they are out of the sink and the recent window (rollout/streaming.py read_memory)
+    assert len(reads) == 8 and not reads[0] and reads[-1] and sum(reads) >= 2
+    trained = read_checkpoint(out)
+    assert any(not torch.equal(trained[k].float(), init[k].half().float()) for k in init)
+    gen = build_generator(student_model_config(), student_memory_config(), seed=tc.MEMORY_SEED)
+    load_checkpoint(gen.backbone, out)
+
+
+def test_samplers_are_deterministic(text_dir):
+    text = load_text_encoder(text_dir)
+    teacher = CausalWanModel(teacher_model_config()).eval()
+    emb = text.encode(["a red circle on a grey background"])[0]
+    a = euler_sample(teacher, emb, text.encode([""])[0], seed=1, frames=3, steps=3)
+    assert a.shape == (1, 3, 16, LATENT_SIZE, LATENT_SIZE)
+    assert torch.equal(a, euler_sample(teacher, emb, text.encode([""])[0], seed=1, frames=3, steps=3))
+    script = Script(background="grey", kinds=(("red", "circle"),), initial=(0,), events=(),
+                    prompts=("a red circle on a grey background",), switch_frames=(), num_frames=6)
+    gen = student_generator(None)
+    x = stream_sample(gen, text, script, seed=2, batch=2)
+    assert x.shape == (2, 6, 16, LATENT_SIZE, LATENT_SIZE)
+    assert torch.equal(x, stream_sample(gen, text, script, seed=2, batch=2))
+
+
+def test_committed_artifacts_load_through_the_pipeline_paths():
+    artifacts = Artifacts()
+    if not artifacts.causal_base.is_file():
+        pytest.skip("no trained artifacts under toyworld/weights (run `make toyworld`)")
+    cfg = trained_model_config(artifacts, model_path=str(artifacts.causal_base))
+    assert build_vae(cfg).z_dim == 16
+    assert build_text_encoder(cfg).text_dim == 32
+    gen = build_generator(cfg, student_memory_config())
+    critic = CausalWanModel(cfg)
+    load_checkpoint(critic, artifacts.critic_base)
+    teacher_section = build_section("teacher", {**json.loads(artifacts.teacher_json.read_text()),
+                                                "model_path": str(artifacts.teacher)})
+    teacher = CausalWanModel(teacher_section.model_config(cfg))
+    load_checkpoint(teacher, artifacts.teacher)
+    assert gen.backbone.cfg.num_layers == 4 and teacher.cfg.num_layers == teacher_section.num_layers
+    size = sum(f.stat().st_size for f in artifacts.root.rglob("*") if f.is_file())
+    assert size < 16 * 2**20  # a few MB, committed

@@ -1,0 +1,102 @@
+"""The toy world's model sizes and where its trained artifacts live.
+
+``student_model_config`` and ``student_memory_config`` are the tiny preset's ``model`` and ``memory``
+sections (fixed by issue 11); the teacher and the VAE are this package's choice. Paths point at the
+committed artifacts under toyworld/weights/ (a few MB, float16 safetensors + json configs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from slotmem.config import build_section
+
+PACKAGE = Path(__file__).resolve().parent
+WEIGHTS = PACKAGE / "weights"
+CACHE = PACKAGE / ".cache"  # git-ignored: rendered + encoded training data
+PROMPTS = PACKAGE / "prompts"
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """Where the trained artifacts of one run live (the committed ones: toyworld/weights/)."""
+
+    root: Path = WEIGHTS
+
+    @property
+    def vae(self) -> Path:  # diffusers AutoencoderKLWan directory (model.vae_path)
+        return self.root / "vae"
+
+    @property
+    def text_encoder(self) -> Path:  # transformers UMT5EncoderModel + ByT5 tokenizer (model.text_encoder_path)
+        return self.root / "text_encoder"
+
+    @property
+    def teacher(self) -> Path:  # Wan layout, single file
+        return self.root / "teacher.safetensors"
+
+    @property
+    def teacher_json(self) -> Path:  # its architecture: the tiny preset's teacher section
+        return self.root / "teacher.json"
+
+    @property
+    def critic_base(self) -> Path:  # bidirectional student: the critic's init
+        return self.root / "student_bidirectional.safetensors"
+
+    @property
+    def causal_base(self) -> Path:  # causal few-step base (model.model_path)
+        return self.root / "student_causal.safetensors"
+
+    @property
+    def training_summary(self) -> Path:  # what `python -m toyworld.train` did (steps, losses, seconds)
+        return self.root / "training.json"
+
+    @property
+    def metrics(self) -> Path:  # what `python -m toyworld.evaluate` measured
+        return self.root / "metrics.json"
+
+
+# The toy VAE (toyworld/train_vae.py): Wan's AutoencoderKLWan with one 2x spatial level fewer than Wan's
+# (1,2,4,4): 4x spatial, 64x64 -> 16x16 latent, still 4x in time (both temporal downsamples kept), z_dim 16
+VAE_BASE_DIM = 16  # channels at full resolution; x2, x4 deeper
+VAE_DIM_MULT = (1, 2, 4)
+VAE_TEMPORAL_DOWNSAMPLE = (True, True)
+VAE_Z_DIM = 16
+LATENT_SIZE = 64 // 2 ** (len(VAE_DIM_MULT) - 1)  # 16
+
+# patch (1, 4, 4) on the 16x16 latent: 16 tokens per frame, the cost of the (1, 2, 2) patch on an 8x8 latent
+# (64 tokens per frame would make the 240-frame causal passes ~4-16x dearer than the budget allows)
+STUDENT_MODEL = {
+    "name": "toyworld-student", "num_layers": 4, "dim": 128, "num_heads": 4, "ffn_dim": 384, "freq_dim": 64,
+    "text_dim": 32, "text_len": 128, "in_channels": VAE_Z_DIM, "patch_size": [1, 4, 4],
+    "latent_height": LATENT_SIZE, "latent_width": LATENT_SIZE, "num_frame_per_block": 3, "sink_size": 3,
+    "local_attn_size": 12, "timestep_shift": 5.0, "denoising_steps": [1000, 750, 500, 250],
+    "warp_denoising_step": True, "context_noise": 0,
+    "text_encoder_layers": 2, "text_encoder_heads": 4, "vae_base_dim": VAE_BASE_DIM,
+}
+STUDENT_MEMORY = {
+    "kind": "slot", "slot_dim": 16, "num_slots_per_chunk": 4, "tokens_per_slot": 4, "bank_size": 6,
+    "record_interval": 3, "retrieve_top_k": 12,
+}
+# the teacher: 1.5x deeper and 1.25x wider than the student (head_dim 32 like the student's)
+TEACHER = {"name": "toyworld-teacher", "num_layers": 6, "dim": 160, "num_heads": 5, "ffn_dim": 480, "freq_dim": 64}
+
+
+def student_model_config(**changes):
+    """The tiny preset's model section (weights paths empty unless given)."""
+    return build_section("model", {**STUDENT_MODEL, **changes})
+
+
+def student_memory_config(**changes):
+    return build_section("memory", {**STUDENT_MEMORY, **changes})
+
+
+def teacher_model_config(**changes):
+    """The backbone config with the teacher's architecture (TeacherConfig.model_config)."""
+    return build_section("teacher", dict(TEACHER)).model_config(student_model_config(**changes))
+
+
+def trained_model_config(artifacts: Artifacts = Artifacts(), **changes):
+    """The student config pointing at a run's VAE and text encoder."""
+    return student_model_config(vae_path=str(artifacts.vae), text_encoder_path=str(artifacts.text_encoder), **changes)

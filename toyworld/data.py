@@ -1,0 +1,124 @@
+"""Latent training data for the backbones: 60 s toy-world videos rendered, encoded by the trained VAE
+once, and cached under toyworld/.cache/ (git-ignored).
+
+The dataset is NUM_SCRIPTS training scripts x VIDEOS_PER_SCRIPT videos: the videos of one script share
+its prompts, events and switch frames but differ in motion and hidden sizes, so a streaming batch of
+them can share one prompt schedule (rollout/streaming.py's StreamState encodes one script per batch)
+and the sizes cannot be read from the text -- only from the video itself.
+
+Windows for the bidirectional models (``clip_batch``) are CLIP_FRAMES latent frames labelled with the
+prompt of the segment holding their last frame (as the trainer labels a window after a switch),
+skipping windows that contain an earlier segment's event in progress (the label would not describe
+it). The cache file is keyed by the VAE weights' hash and the dataset sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model.vae import VAE
+from toyworld.configs import CACHE
+from toyworld.palette import CLIP_FRAMES, pixel_frames
+from toyworld.scripts import Script, training_script
+from toyworld.world import EVENT_FRAMES, render
+
+NUM_SCRIPTS = 16
+VIDEOS_PER_SCRIPT = 3
+
+
+def window_starts(script: Script, frames: int = CLIP_FRAMES) -> list[int]:
+    """Window starts whose label (the prompt of the last frame's segment) describes the whole window."""
+    edges = [0, *script.switch_frames, script.num_frames]
+    out = []
+    for a in range(0, script.num_frames - frames + 1):
+        last = a + frames - 1
+        seg = max(k for k in range(len(edges) - 1) if edges[k] <= last)
+        if all(ev.frame + EVENT_FRAMES <= a for ev in script.events if ev.frame < edges[seg]):
+            out.append(a)
+    return out
+
+
+def window_prompt(script: Script, start: int, frames: int = CLIP_FRAMES) -> str:
+    """The label of a window: the prompt active at its last frame (the trainer's convention)."""
+    return script.prompts[sum(1 for f in script.switch_frames if start + frames - 1 >= f)]
+
+
+@dataclass
+class LatentDataset:
+    scripts: list[Script]
+    latents: Tensor  # [S, V, F, C, h, w] float16, normalised (model/vae.py convention)
+
+    def video(self, s: int, v: int) -> Tensor:
+        return self.latents[s, v].float()  # [F, C, h, w]
+
+    def clip_batch(self, rng: np.random.Generator, batch: int, frames: int = CLIP_FRAMES,
+                   scripts: list[int] | None = None) -> tuple[Tensor, list[str]]:
+        """(x0 [B, frames, C, h, w], the window prompts) drawn uniformly over scripts, videos, starts."""
+        pool = list(range(len(self.scripts))) if scripts is None else scripts
+        xs, prompts = [], []
+        for _ in range(batch):
+            s = int(rng.choice(pool))
+            v = int(rng.integers(self.latents.shape[1]))
+            starts = self._starts(s, frames)
+            a = starts[int(rng.integers(len(starts)))]
+            xs.append(self.latents[s, v, a:a + frames].float())
+            prompts.append(window_prompt(self.scripts[s], a, frames))
+        return torch.stack(xs), prompts
+
+    def _starts(self, s: int, frames: int) -> list[int]:
+        cache = self.__dict__.setdefault("_start_cache", {})
+        if (s, frames) not in cache:
+            limit = self.latents.shape[2] - frames  # a dataset may hold only the first frames of each video
+            cache[(s, frames)] = [a for a in window_starts(self.scripts[s], frames) if a <= limit]
+        return cache[(s, frames)]
+
+
+def _vae_hash(vae: VAE) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(vae.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().numpy().tobytes())
+    h.update(np.asarray(vae.latents_mean.numpy()).tobytes() + np.asarray(vae.latents_std.numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_videos(vae: VAE, scripts: list[Script], videos_per_script: int, latent_frames: int | None = None,
+                  seed_offset: int = 0, log=print) -> Tensor:
+    """[S, V, F, C, h, w] float16 latents of video v of script s (world seed = seed_offset + s * V + v); F = the
+    script's frames or the first latent_frames of them."""
+    out = []
+    t0 = time.time()
+    for s, script in enumerate(scripts):
+        worlds = [script.world(seed_offset + s * videos_per_script + v) for v in range(videos_per_script)]
+        stop = pixel_frames(latent_frames) if latent_frames else None
+        video = torch.from_numpy(np.stack([render(w, 0, stop) for w in worlds]))  # [V, T, H, W, 3]
+        out.append(vae.encode(video).to(torch.float16))  # [V, F, C, h, w]
+        log(f"[data] encoded script {s + 1}/{len(scripts)} ({videos_per_script} videos of {video.shape[1]} frames) "
+            f"{time.time() - t0:.0f}s")
+    return torch.stack(out)
+
+
+def load_or_build(vae: VAE, num_scripts: int = NUM_SCRIPTS, videos_per_script: int = VIDEOS_PER_SCRIPT,
+                  latent_frames: int | None = None, cache_dir: Path = CACHE, log=print) -> LatentDataset:
+    """The training dataset (scripts training_script(0..S-1)), from the cache when it matches."""
+    scripts = [training_script(s) for s in range(num_scripts)]
+    frames = latent_frames or scripts[0].num_frames
+    path = Path(cache_dir) / f"latents-{_vae_hash(vae)}-{num_scripts}x{videos_per_script}x{frames}.pt"
+    if path.is_file():
+        latents = torch.load(path, weights_only=True)
+        log(f"[data] {path.name}: {tuple(latents.shape)} from the cache")
+    else:
+        latents = encode_videos(vae, scripts, videos_per_script, latent_frames, log=log)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(latents, tmp)
+        tmp.replace(path)
+    return LatentDataset(scripts=scripts, latents=latents)

@@ -1,0 +1,127 @@
+"""Train everything the toy world needs: ``python -m toyworld.train all`` (``make toyworld``).
+
+Stages, each reading the artifacts of the stages before it from the run directory (toyworld/weights/
+unless --out is given), each deterministic in --seed:
+
+  vae       tiny Wan VAE, reconstruction of rendered 5-frame clips      -> vae/ (diffusers)
+  vae_temporal  its fine-tune on 9-frame clips (the causal cache's steady state), latent statistics
+  text      tiny umT5 with its fixed seeded weights                      -> text_encoder/ (transformers)
+  data      60 s training videos encoded by the VAE                      -> toyworld/.cache/ (git-ignored)
+  teacher   bidirectional teacher, flow matching on 21-frame windows     -> teacher.safetensors + teacher.json
+  student   bidirectional student-sized base (the critic's init)         -> student_bidirectional.safetensors
+  causal    causal few-step base, streaming teacher forcing with memory  -> student_causal.safetensors
+
+``all`` runs them in order; a stage can be rerun alone. Every stage prints a progress line per N steps
+and a summary; training.json in the run directory records steps, losses and seconds per stage.
+--quick shrinks every budget to a smoke run (seconds, useless weights) for tests and CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from model.vae import build_vae
+from model.weights import read_checkpoint
+from toyworld.configs import TEACHER, Artifacts, student_model_config, teacher_model_config, trained_model_config
+from toyworld.data import load_or_build
+from toyworld.text import load_text_encoder, save_text_encoder
+from toyworld.train_causal import train_causal
+from toyworld.train_flow import train_bidirectional
+from toyworld.train_vae import TEMPORAL_CLIP_PIXEL_FRAMES, train_vae
+
+STAGES = ("vae", "vae_temporal", "text", "data", "teacher", "student", "causal")
+# budgets of the full run (sized for < 45 min on 2 CPU cores) and of --quick
+FULL = dict(vae_steps=600, vae_batch=8, vae_temporal_steps=150, stats_videos=3, stats_frames=None, psnr_clips=4,
+            num_scripts=12, videos_per_script=2, data_frames=None, teacher_steps=700, teacher_batch=8,
+            student_steps=700, student_batch=8, causal_passes=72, causal_frames=240)
+QUICK = dict(vae_steps=2, vae_batch=2, vae_temporal_steps=1, stats_videos=1, stats_frames=6, psnr_clips=1,
+             num_scripts=2, videos_per_script=2, data_frames=24, teacher_steps=2, teacher_batch=2, student_steps=2,
+             student_batch=2, causal_passes=1, causal_frames=12)
+
+
+def _dataset(artifacts: Artifacts, budget: dict, cache: Path | None):
+    vae = build_vae(trained_model_config(artifacts))
+    kwargs = {"cache_dir": cache} if cache is not None else {}
+    return load_or_build(vae, budget["num_scripts"], budget["videos_per_script"], budget["data_frames"], **kwargs)
+
+
+def run(stages, artifacts: Artifacts, budget: dict, seed: int = 0, cache: Path | None = None) -> dict:
+    artifacts.root.mkdir(parents=True, exist_ok=True)
+    summary = json.loads(artifacts.training_summary.read_text()) if artifacts.training_summary.is_file() else {}
+    data = text = None
+    t_all = time.time()
+    for stage in stages:
+        t0, cpu0 = time.time(), _cpu_seconds()
+        print(f"[train] stage {stage}", flush=True)
+        if stage == "vae":
+            summary["vae"] = train_vae(artifacts.vae, steps=budget["vae_steps"], batch=budget["vae_batch"], seed=seed,
+                                       measure=False)
+        elif stage == "vae_temporal":
+            summary["vae_temporal"] = train_vae(
+                artifacts.vae, steps=budget["vae_temporal_steps"], batch=budget["vae_batch"], lr=1e-3, seed=seed,
+                frames=TEMPORAL_CLIP_PIXEL_FRAMES, init=artifacts.vae, stats_videos=budget["stats_videos"],
+                stats_frames=budget["stats_frames"], psnr_clips=budget["psnr_clips"])
+        elif stage == "text":
+            save_text_encoder(artifacts.text_encoder)
+            summary["text"] = {"path": artifacts.text_encoder.name}
+        else:
+            text = text or load_text_encoder(artifacts.text_encoder)
+            data = data or _dataset(artifacts, budget, cache)
+            if stage == "data":
+                summary["data"] = {"scripts": len(data.scripts), "videos_per_script": data.latents.shape[1],
+                                   "latent_frames": data.latents.shape[2]}
+            elif stage == "teacher":
+                _, summary["teacher"] = train_bidirectional(
+                    "teacher", teacher_model_config(), data, text, artifacts.teacher, steps=budget["teacher_steps"],
+                    batch=budget["teacher_batch"], lr=3e-4, seed=seed)
+                artifacts.teacher_json.write_text(json.dumps(TEACHER, indent=2) + "\n")
+            elif stage == "student":
+                _, summary["student"] = train_bidirectional(
+                    "student", student_model_config(), data, text, artifacts.critic_base,
+                    steps=budget["student_steps"], batch=budget["student_batch"], lr=3e-4, seed=seed)
+            elif stage == "causal":
+                init = read_checkpoint(artifacts.critic_base)  # the saved (float16) bidirectional base
+                _, summary["causal"] = train_causal(
+                    data, text, {k: v.float() for k, v in init.items()}, artifacts.causal_base,
+                    passes=budget["causal_passes"], lr=1e-4, seed=seed, num_frames=budget["causal_frames"])
+        summary.setdefault("stage_seconds", {})[stage] = time.time() - t0
+        # CPU seconds and the machine's load tell a quiet-machine time apart from one shared with other jobs
+        summary.setdefault("stage_cpu_seconds", {})[stage] = _cpu_seconds() - cpu0
+        summary.setdefault("stage_load_average", {})[stage] = os.getloadavg()[0]
+        artifacts.training_summary.write_text(json.dumps(summary, indent=2))
+    total = time.time() - t_all
+    print(f"[train] finished {', '.join(stages)} in {total:.0f}s ({total / 60:.1f} min, "
+          f"{sum(summary['stage_cpu_seconds'][s] for s in stages):.0f} CPU s): "
+          + ", ".join(f"{s} {summary['stage_seconds'][s]:.0f}s" for s in stages), flush=True)
+    return summary
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m toyworld.train", description=__doc__.splitlines()[0])
+    ap.add_argument("stages", nargs="+", choices=("all", *STAGES))
+    ap.add_argument("--out", default=str(Artifacts().root), help="run directory (default: the committed weights)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="smoke-test budgets")
+    ap.add_argument("--cache", default=None, help="latent cache directory (default toyworld/.cache)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(args.seed)
+    stages = STAGES if "all" in args.stages else tuple(s for s in STAGES if s in args.stages)
+    run(stages, Artifacts(root=Path(args.out)), QUICK if args.quick else FULL, seed=args.seed,
+        cache=Path(args.cache) if args.cache else None)
+
+
+if __name__ == "__main__":
+    main()
