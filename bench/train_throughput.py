@@ -5,7 +5,7 @@
 
 One Ray Train job with ``--workers`` workers (gloo on CPU, NCCL on GPU). Each worker rolls out one
 trajectory of ``rollout.num_frames`` frames in-process, then, for each ZeRO stage in turn, builds the
-generator and critic engines exactly as the training job does (trainer/job.py ``build_engines``,
+generator and critic engines exactly as the training job does (trainer/engines.py ``build_engines``,
 ``trainer.zero3_param_persistence_threshold`` forced to 0 so that every tensor of a small model is
 partitioned under ZeRO-3) and runs ``--steps`` real training steps (1 generator : 5 critic updates, each
 on a fresh window of its trajectory) after one untimed warm-up step.
@@ -63,34 +63,39 @@ def _measure(cfg, zero_stage: int, row, negative, *, steps: int, rank: int, worl
     import torch
     import torch.distributed as dist
 
+    from model.vae import build_vae
     from trainer.deepspeed_setup import zero_partition_stats
-    from trainer.job import build_engines, rank_sync
+    from trainer.engines import build_engines, rank_sync
+    from trainer.objectives import critic_loss, generator_loss
     from trainer.schedule import plan_step
-    from trainer.window import critic_loss, draw_exit_steps, generator_loss, window_from_row
+    from trainer.window import draw_exit_steps, window_from_row
 
     engines = build_engines(cfg, 1, world_size=world, device=device, use_bf16=use_gpu, zero_stage=zero_stage)
     sync = rank_sync(engines, device)
+    first_frame = build_vae(cfg.model, device, torch.float32).reencode_first_frame  # as trainer/worker.py does
     rng = torch.Generator().manual_seed(rank)
     noise = torch.Generator(device=device).manual_seed(1000 + rank)
     chunk = cfg.model.num_frame_per_block
 
     def window():
         w = window_from_row(row, window_frames=cfg.trainer.window_frames, chunk=chunk, generator=rng, sync=sync)
-        return w, draw_exit_steps(w.num_frames // chunk, len(cfg.model.denoising_steps), rng, sync.broadcast)
+        return w, draw_exit_steps(w.num_new // chunk, len(cfg.model.denoising_steps), rng,
+                                  same=cfg.trainer.same_exit_step, broadcast=sync.broadcast)  # as trainer/worker.py
 
     def train_step(step: int):
-        if plan_step(step, cfg.trainer).train_generator:
+        if plan_step(1, step, cfg.trainer).train_generator:
             w, exits = window()
             loss, _ = generator_loss(w, generator=engines.generator.module, teacher=engines.teacher,
                                      critic=engines.critic.module, scheduler=engines.scheduler, model_cfg=cfg.model,
                                      trainer_cfg=cfg.trainer, negative_embedding=negative, stage=1, exit_steps=exits,
-                                     generator_rng=rng, noise_rng=noise, sync=sync)
+                                     first_frame=first_frame, generator_rng=rng, noise_rng=noise, sync=sync)
             engines.generator.backward(loss)
             engines.generator.step()
         w, exits = window()
         loss, _ = critic_loss(w, generator=engines.generator.module, critic=engines.critic.module,
                               scheduler=engines.scheduler, model_cfg=cfg.model, trainer_cfg=cfg.trainer,
-                              exit_steps=exits, generator_rng=rng, noise_rng=noise, sync=sync)
+                              exit_steps=exits, first_frame=first_frame, generator_rng=rng, noise_rng=noise,
+                              sync=sync)
         engines.critic.backward(loss)
         engines.critic.step()
 
