@@ -7,9 +7,10 @@ on 2 cores so Ray Data read tasks can run next to Train workers; no dashboard).
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
+
+from tests.servers import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -60,18 +61,12 @@ def ray_cluster(tmp_path_factory):
     ray.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 endpoint (moto server) on 127.0.0.1 with dummy credentials and a bucket."""
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port())
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port())
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-import socket
 import threading
 import time
 import uuid
@@ -20,6 +19,7 @@ from cluster.storage import (
 )
 from slotmem.config import StorageConfig
 from slotmem.errors import InputError
+from tests.servers import free_port
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYzzSECRET"
 
@@ -105,17 +105,11 @@ def test_s3_resolution_endpoint_region_and_credentials_never_shown():
 # ----------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_retry_survives_a_real_s3_outage(s3_server):
     """A moto server that is down for ~1 s: the write succeeds on a later attempt."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     st = resolve_storage(StorageConfig(root=f"s3://{s3_server['bucket']}/outage", experiment="exp",
                                        s3_endpoint=f"http://127.0.0.1:{port}", retries=5))
     st = dataclasses.replace(st, retries=5, retry_base_delay=0.3)

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from cluster.submit import (
 from cluster.submit import repo_root as submit_root
 from slotmem.config import load_config
 from slotmem.errors import InputError
+from tests.servers import free_port, pids_mentioning
 
 BIN = Path(sys.executable).parent
 SECRET = "s3cr3t-VALUE-never-printed"
@@ -135,33 +135,15 @@ def test_entrypoint_building(repo_root, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pids_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
-
-
 @pytest.fixture(scope="module")
 def ray_head():
     # A short temp dir of its own: Ray's unix socket paths live under it and must stay < 108 chars.
     temp_dir = tempfile.mkdtemp(prefix="slotmem-head-", dir="/tmp")
-    dashboard = _free_port()
-    ports = {"--port": _free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": _free_port(),
-             "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
-             "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port(),
-             "--node-manager-port": _free_port(), "--object-manager-port": _free_port()}
+    dashboard = free_port()
+    ports = {"--port": free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
+             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": TOKEN}  # Ray's token auth on, as a real head should run
     env.pop("RAY_ADDRESS", None)
@@ -193,7 +175,7 @@ def ray_head():
         for sig_target in ([proc.pid] if proc.poll() is None else []):
             os.killpg(sig_target, signal.SIGKILL)
         time.sleep(1)
-        for pid in _pids_mentioning(temp_dir):  # stragglers of this head only
+        for pid in pids_mentioning(temp_dir):  # stragglers of this head only
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -269,5 +251,5 @@ def test_submit_follow_status_logs_on_a_real_head(ray_head):
         assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     missing = _slotmem("status", "raysubmit_doesnotexist", "--address", ray_head)
     assert missing.returncode == 2 and "raysubmit_doesnotexist" in missing.stderr and "Traceback" not in missing.stderr
-    nowhere = _slotmem("logs", "x", "--address", f"http://127.0.0.1:{_free_port()}")
+    nowhere = _slotmem("logs", "x", "--address", f"http://127.0.0.1:{free_port()}")
     assert nowhere.returncode == 2 and "cannot reach the Ray Jobs API" in nowhere.stderr
