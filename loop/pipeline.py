@@ -174,6 +174,7 @@ def run_pipeline(cfg: Config) -> dict:
                 _stage_phase(cfg, storage, state, stage, parent, fleet, control)
                 _check_stop(control, f"after stage {stage}")
             fleet.check()
+            fleet.halt()  # training is over: no more rounds, so the totals logged are the rounds on storage
             _log_fleet(tracker, rollout_run, fleet)
             sample = _sample_phase(cfg, storage, tracker, state, fleet) if cfg.pipeline.sample_video else None
     finally:

@@ -110,14 +110,23 @@ class RolloutFleet:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Stop committing (an in-flight round is abandoned: it was never committed) and free the actors."""
+    def halt(self) -> None:
+        """Stop committing rounds (an in-flight round is abandoned: it was never committed); the actors stay up
+        for the sample, and the totals in ``stats`` are final from here on."""
         self._stop.set()
+        if self._thread is None or not self._thread.is_alive():
+            return
         if self.group is not None:
             self.group.closing = True  # a dispatch in flight lets its running trajectories finish, then returns
-        if self._thread is not None:
-            self._thread.join(timeout=DRAIN_S)
+        self._thread.join(timeout=DRAIN_S)
+        if self.group is not None and not self._thread.is_alive():
+            self.group.closing = False
+
+    def stop(self) -> None:
+        """Halt the rounds and free the actors."""
+        self.halt()
         if self.group is not None:
+            self.group.closing = True
             self.group.shutdown()
         if self._thread is not None:
             self._thread.join(timeout=60)
