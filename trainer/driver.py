@@ -28,6 +28,7 @@ from trainer.metrics import stage_name
 from trainer.schedule import stage_steps, stage_updates, version_at_start
 
 FAULT_ENV = "SLOTMEM_TRAIN_FAULT_STEP"
+SUMMARY_LAST = 10  # the stage summary line averages this many last iterations
 
 
 @dataclass
@@ -58,10 +59,19 @@ class StageResult:
         """The stage ended early on a stop request (its last checkpoint is where a resubmission resumes)."""
         return self.steps < self.total_steps
 
+    def recent(self, n: int = SUMMARY_LAST) -> dict[str, float]:
+        """Each metric's mean over the stage's last `n` iterations: one update's window is a single row,
+        so its value alone swings with the row it drew."""
+        rows = self.history[-n:] or [self.last]
+        keys = [k for k in rows[-1] if k != "step" and all(k in r for r in rows)]
+        return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+
     def summary(self) -> str:
-        losses = ", ".join(f"{k}={v:.4g}" for k, v in self.last.items()
+        recent = self.recent()
+        losses = ", ".join(f"{k}={v:.4g}" for k, v in recent.items()
                            if k in ("critic", "dmd", "slot", "slot_con", "slot_feat", "slot_cosine",
                                     "slot_mask_coverage"))
+        losses = f"last {min(len(self.history), SUMMARY_LAST) or 1} iterations' mean {losses}"
         if self.stopped:
             return (f"stage {self.stage}: stopped on request at iteration {self.steps}/{self.total_steps} after "
                     f"{self.seconds:.1f} s; {losses}; checkpoint {self.checkpoint_uri}")
