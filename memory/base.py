@@ -175,6 +175,11 @@ class StreamingMemory(nn.Module):
     def freeze_slot_grouper(self, flag: bool) -> None:
         """Freeze slot attention, initialiser and dynamics predictor (Stage I); no-op without slots."""
 
+    def restart_slot_chain(self) -> None:
+        """The next write's slots start from the learned initialiser, not from the previous chunk's (Stage 0
+        trains the grouper on chains that start inside its window); the bank and the cache are kept. No-op
+        without slots."""
+
     def inspect(self) -> dict:
         raise NotImplementedError
 

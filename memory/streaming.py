@@ -62,6 +62,7 @@ class SlotMemory(StreamingMemory):
                                           rec_confidence=memory_cfg.rec_confidence)
         self.inspect_layer = 0  # which layer the inspector describes (batch element 0)
         self._slots: torch.Tensor | None = None  # (Y, B, S, d) U of the latest chunk
+        self._restart_chain = False  # the next write starts its slots from the learned initialiser
         self._last_assign: torch.Tensor | None = None  # (S, L) of inspect_layer, batch element 0
         self._num_commits = 0
         self.init_weights()
@@ -78,6 +79,9 @@ class SlotMemory(StreamingMemory):
     def freeze_slot_grouper(self, flag: bool) -> None:
         self.writer.grouper.requires_grad_(not flag)
 
+    def restart_slot_chain(self) -> None:
+        self._restart_chain = True
+
     def _state_tensors(self) -> list[str]:
         return [*super()._state_tensors(), "_slots", "_last_assign"]
 
@@ -90,6 +94,7 @@ class SlotMemory(StreamingMemory):
         self.bank.reset()
         self.losses.clear()
         self._slots = None
+        self._restart_chain = False
         self._last_assign = None
         self._num_commits = 0
 
@@ -111,7 +116,9 @@ class SlotMemory(StreamingMemory):
         return list(zip(retrieval.keys.unbind(0), retrieval.values.unbind(0)))
 
     def _write(self, states: list[LayerStateLike], info: ChunkInfo) -> None:
-        prev = self._slots
+        before = self._slots  # U^{c-1}: what new items are scored against, also when the chain restarts
+        prev = None if self._restart_chain else before
+        self._restart_chain = False
         grouping = self.writer([s.x for s in states], prev)
         if grouping.slots.requires_grad:
             self.losses.add(prev, grouping)
@@ -123,7 +130,7 @@ class SlotMemory(StreamingMemory):
             items = make_items(grouping, [s.k for s in states], [s.v for s in states], self.cfg.tokens_per_slot)
             # scored against U^{c-1}, the visual state the new items are compared with (not their own slots)
             eviction = self.bank.add(items, self._meta(info, items.u),
-                                     self._query(grouping.slots if prev is None else prev))
+                                     self._query(grouping.slots if before is None else before))
             first_id = self._num_commits * self.cfg.num_slots_per_chunk
             added = [first_id + s for s, ok in enumerate(eviction.added[self.inspect_layer, 0].tolist()) if ok]
             evicted = [i for i in eviction.evicted_id[self.inspect_layer, 0].tolist() if i >= 0]

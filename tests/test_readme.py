@@ -21,6 +21,7 @@ this checkout's ``.venv`` (``make`` finds it installed and skips the setup).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -161,12 +162,17 @@ def _demo_console(text: str, checkout: Path) -> None:
     assert any(line.startswith("pipeline 'slotmem-tiny' finished") for line in lines), demo[-3000:]
     video = next(checkout.glob("runs/slotmem-tiny/samples/sample.mp4"))
     assert video.stat().st_size > 0 and video.stat().st_mode & 0o040  # group-readable
-    # Stage 0 trains the grouper out of collapse (collapsed: cosine 1.00, coverage 0, slot_con = ln 4 = 1.386);
-    # bounds with margin over the README's run (0.33, 0.53, 0.655): the last update's row varies run to run
-    summary = next(line for line in lines if line.startswith("[pipeline] stage 0:"))
-    stage0 = dict(re.findall(r"(slot_\w+)=([-\d.e]+)", summary))
-    assert float(stage0["slot_cosine"]) < 0.6 and float(stage0["slot_mask_coverage"]) > 0.2, stage0
-    assert float(stage0["slot_con"]) < 1.0, stage0
+    # Stage 0 trains the grouper out of collapse (collapsed: cosine 1.00, coverage 0, slot_con = ln 4 = 1.386), to
+    # issue 10's bars; the summaries' values are means over each stage's last 10 iterations
+    def stage(n: int) -> dict[str, float]:
+        summary = next(line for line in lines if line.startswith(f"[pipeline] stage {n}:"))
+        return {k: float(v) for k, v in re.findall(r"(slot_\w+)=([-\d.e]+)", summary)}
+
+    s0 = stage(0)
+    assert s0["slot_cosine"] < 0.5 and s0["slot_con"] < 0.5 * math.log(4) and s0["slot_mask_coverage"] >= 0.3, s0
+    for n in (1, 2):  # the frozen (I) and the training (II) grouper on the long chains of the whole prefill
+        sn = stage(n)
+        assert sn["slot_cosine"] < 0.5 and sn["slot_mask_coverage"] > 0.2, (n, sn)
     rec = [float(v) for v in re.findall(r"\[train stage2\] .*slot_rec=([-\d.e]+)", demo)]
     assert rec and max(rec) > 0, demo[-3000:]  # the L_rec mask is not empty in Stage II
     assert "1 parent run(s), 5 child run(s)" in text  # `slotmem runs`: one tree
@@ -195,4 +201,11 @@ def _stop_and_resume(text: str, checkout: Path) -> None:
         assert f"slotmem-tiny-random-{child}" in tree, tree
 
 
-SECTION_CHECKS = {"Two commands": _demo_console, "Running on a Ray cluster": _stop_and_resume}
+def _quiet_by_hand(text: str, checkout: Path) -> None:
+    """`slotmem rollout` and `slotmem train` print our lines only: MLflow's INFO lines go to the driver log."""
+    assert " INFO mlflow" not in text, text[-4000:]
+    assert "committed round 0:" in text and "[pipeline]" not in text
+
+
+SECTION_CHECKS = {"Two commands": _demo_console, "Training": _quiet_by_hand,
+                  "Running on a Ray cluster": _stop_and_resume}

@@ -63,8 +63,8 @@ class StageResult:
         """Each metric's mean over the stage's last `n` iterations: one update's window is a single row,
         so its value alone swings with the row it drew."""
         rows = self.history[-n:] or [self.last]
-        keys = [k for k in rows[-1] if k != "step" and all(k in r for r in rows)]
-        return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+        keys = sorted({k for r in rows for k in r if k != "step"})  # generator-only keys come from its iterations
+        return {k: sum(vals) / len(vals) for k in keys for vals in [[r[k] for r in rows if k in r]]}
 
     def summary(self) -> str:
         recent = self.recent()

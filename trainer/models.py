@@ -168,13 +168,15 @@ def group_settings(trainer_cfg: TrainerConfig, *, stage: int) -> dict[str, dict[
             "critic_lora": {"lr": trainer_cfg.critic_lr, "weight_decay": trainer_cfg.weight_decay}}
 
 
-def apply_group_settings(optimizer, trainer_cfg: TrainerConfig, *, stage: int) -> None:
-    """Set every named group's lr and weight decay for `stage` (a resumed optimizer carries the previous
-    stage's: Stage II resumes Stage I's moments but unfreezes the grouper)."""
+def apply_group_settings(optimizer, trainer_cfg: TrainerConfig, *, stage: int, lr_scale: float = 1.0) -> None:
+    """Set every named group's lr (times `lr_scale`: Stage 0's warm-up and decay) and weight decay for `stage`
+    (a resumed optimizer carries the previous stage's: Stage II resumes Stage I's moments but unfreezes the
+    grouper)."""
     settings = group_settings(trainer_cfg, stage=stage)
     for group in optimizer.param_groups:
         if group.get("name") in settings:
             group.update(settings[group["name"]])
+            group["lr"] *= lr_scale
 
 
 def critic_parameter_groups(critic: CausalWanModel, trainer_cfg: TrainerConfig) -> list[dict]:

@@ -61,8 +61,16 @@ def _timesteps(x: Tensor, model_cfg: ModelConfig, trainer_cfg: TrainerConfig, rn
 def warmup_loss(window: TrajectoryWindow, *, generator: Generator, scheduler: FlowMatchScheduler,
                 model_cfg: ModelConfig, trainer_cfg: TrainerConfig, noise_rng: torch.Generator,
                 sync: RankSync | None = None) -> tuple[Tensor, dict[str, float]]:
-    """Stage 0: the slot modules on the frozen backbone's clean re-run features of the window's chunks."""
-    rollout_window(generator, scheduler, model_cfg, window, exit_steps=None, noise_generator=noise_rng, sync=sync)
+    """Stage 0: the slot modules on the frozen backbone's clean re-run features of the window's chunks.
+
+    The slot chain restarts at the window: its first chunk's slots come from the learned initialiser, as
+    SlotContrast trains on clips. An untrained grouper chained through a long prefill converges to one slot
+    repeated (the GRU pulls every slot to the same update under a uniform assignment: off-diagonal cosine 1.000
+    at frame 60 of the demo's rows, where the token features' cosine is 0.04), and at that symmetric point L_con
+    and the reconstruction have no gradient that tells the slots apart; from the initialiser's distinct slots
+    they do. The cache and the bank the prefill built are kept."""
+    rollout_window(generator, scheduler, model_cfg, window, exit_steps=None, noise_generator=noise_rng, sync=sync,
+                   restart_slots=True)
     slot = generator.memory.slot_loss(0, feature_weight=trainer_cfg.stage0_rec_weight)
     return slot.total, {"slot": float(slot.total.detach()), **_slot_stats(slot)}
 

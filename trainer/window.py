@@ -236,13 +236,16 @@ def roll(state: StreamState, window: TrajectoryWindow, *, exit_steps: list[int] 
 
 def rollout_window(generator: Generator, scheduler: FlowMatchScheduler, model_cfg: ModelConfig,
                    window: TrajectoryWindow, *, exit_steps: list[int] | None, noise_generator: torch.Generator,
-                   sync: RankSync | None = None) -> Tensor:
-    """prefill (in ``sync.local``) + roll under the caller's grad mode; the new frames x [1, N, C, h, w]."""
+                   sync: RankSync | None = None, restart_slots: bool = False) -> Tensor:
+    """prefill (in ``sync.local``) + roll under the caller's grad mode; the new frames x [1, N, C, h, w].
+    restart_slots: the window's first chunk starts its slots from the learned initialiser (Stage 0)."""
     sync = sync or RankSync()
     with sync.local():
         state = new_state(generator, scheduler, model_cfg, window)
         prefill(state, window)
     state.text.reset()
+    if restart_slots:
+        generator.memory.restart_slot_chain()
     return roll(state, window, exit_steps=exit_steps, noise_generator=noise_generator, sync=sync)
 
 

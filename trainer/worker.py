@@ -35,7 +35,7 @@ from trainer.checkpoint import (STATE_FILE, TrainerState, load_checkpoint, read_
                                 stage_final_record, write_stage_final)
 from trainer.data import (Assignment, ReplayPlanner, RowCache, assignment_from_wire, assignment_to_wire)
 from trainer.metrics import StepMetrics, stage_name
-from trainer.schedule import plan_step, stage_steps, stage_updates, version_at_start
+from trainer.schedule import plan_step, stage0_lr_factor, stage_steps, stage_updates, version_at_start
 
 
 class StageWorker:
@@ -181,13 +181,16 @@ class StageWorker:
         return {"scheduler": self.engines.scheduler, "model_cfg": self.cfg.model, "trainer_cfg": self.cfg.trainer,
                 "noise_rng": self.noise_rng, "sync": self.sync}
 
-    def warmup_update(self, version: int) -> dict[str, float]:
+    def warmup_update(self, version: int, step: int) -> dict[str, float]:
+        from trainer.models import apply_group_settings
         from trainer.objectives import warmup_loss
 
         window, _ = self._window(version)
         engine = self.engines.generator
         loss, stats = warmup_loss(window, generator=engine.module, **self._objective_kwargs())
         engine.backward(loss)
+        scale = stage0_lr_factor(step, self.cfg.trainer)  # a function of the step: a resumed stage continues it
+        apply_group_settings(engine.optimizer, self.cfg.trainer, stage=0, lr_scale=scale)
         engine.step()
         return {**stats, "grad_norm_generator": float(engine.get_global_grad_norm() or 0.0)}
 
@@ -249,7 +252,7 @@ class StageWorker:
                 t0 = time.perf_counter()
                 values: dict[str, float] = {}
                 if self.stage == 0:
-                    values.update(self.warmup_update(version))
+                    values.update(self.warmup_update(version, step))
                 elif plan.train_generator:
                     values.update(self.generator_update(version, step, plan.update_ema))
                 if plan.train_critic:

@@ -82,6 +82,13 @@ class TrainerConfig:
     """Stage I iterations (Appendix A.1)."""
     stage2_steps: int = 1000
     """Stage II iterations (Appendix A.1)."""
+    stage0_warmup: float = 0.05
+    """Stage 0: share of its iterations with a linear learning-rate warm-up (trainer/schedule.py stage0_lr_factor)."""
+    stage0_decay: float = 0.3
+    """Stage 0: share of its iterations, at the end, over which the rate decays (cosine) to stage0_final_lr_ratio,
+    so the grouper Stage I freezes is a settled one, not the last large step's."""
+    stage0_final_lr_ratio: float = 0.1
+    """Stage 0: the rate at its last iteration, as a fraction of memory_lr."""
     stage0_rec_weight: float = 1.0
     """Stage 0: weight of the feature reconstruction next to L_con (SlotContrast weighs its two terms 1:1)."""
     backbone: str = "lora"
@@ -168,6 +175,12 @@ class TrainerConfig:
         check_float(s, "guidance_scale", self.guidance_scale, lo=0.0)
         check_float(s, "lambda_slot", self.lambda_slot, lo=0.0)
         check_float(s, "stage0_rec_weight", self.stage0_rec_weight, lo=0.0)
+        check_float(s, "stage0_warmup", self.stage0_warmup, lo=0.0, hi=1.0)
+        check_float(s, "stage0_decay", self.stage0_decay, lo=0.0, hi=1.0)
+        if self.stage0_warmup + self.stage0_decay > 1.0:
+            raise ConfigError(f"trainer.stage0_warmup + trainer.stage0_decay must be at most 1 (shares of Stage 0), "
+                              f"got {self.stage0_warmup} + {self.stage0_decay}")
+        check_float(s, "stage0_final_lr_ratio", self.stage0_final_lr_ratio, lo=0.0, hi=1.0)
         check_int(s, "min_timestep", self.min_timestep, lo=0, hi=999)
         check_int(s, "max_timestep", self.max_timestep, lo=self.min_timestep + 1, hi=1000)
         check_choice(s, "zero_stage", self.zero_stage, (1, 2, 3))

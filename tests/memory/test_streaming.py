@@ -330,3 +330,32 @@ def test_stage0_warmup_separates_slots_and_makes_the_rec_mask_non_empty():
     assert after.health["cosine"] < 0.5, after.health
     assert after.parts["slot_con"] < 0.5 * ln_n, after.parts
     assert after.health["mask_coverage"] >= 0.3, after.health
+
+
+def test_a_restarted_slot_chain_starts_from_the_initialiser_and_keeps_the_bank():
+    torch.manual_seed(0)
+    mem = slot_memory(slot_dim=16, num_slots_per_chunk=4, tokens_per_slot=2, bank_size=2, retrieve_top_k=4,
+                      decoder_hidden=32, slot_iters=3)
+    g = torch.Generator().manual_seed(5)
+
+    def states():
+        return [type("S", (), {"x": torch.randn(B, L, DIM, generator=g), "k": torch.randn(B, L, H, D, generator=g),
+                               "v": torch.randn(B, L, H, D, generator=g)})() for _ in range(Y)]
+
+    mem.reset(B)
+    mem.set_prompt(torch.randn(B, TEXT, generator=g), 0)
+    with torch.no_grad():
+        for c in range(4):
+            mem.write(states(), chunk_index=c, start_frame=FPB * c, num_frames=FPB)
+        bank = mem.bank.size
+        mem.restart_slot_chain()
+        chunk = states()
+        expected = mem.writer([s.x for s in chunk], None).slots  # the learned initialiser, not U^{c-1}
+        chained = mem.writer([s.x for s in chunk], mem._slots).slots
+        mem.write(chunk, chunk_index=4, start_frame=FPB * 4, num_frames=FPB)
+        assert torch.equal(mem._slots, expected) and not torch.allclose(expected, chained)
+        assert mem.bank.size >= bank  # the bank is kept
+        nxt = states()
+        expected = mem.writer([s.x for s in nxt], mem._slots).slots  # and the chain goes on from there
+        mem.write(nxt, chunk_index=5, start_frame=FPB * 5, num_frames=FPB)
+        assert torch.equal(mem._slots, expected)

@@ -95,6 +95,7 @@ def test_config_is_frozen():
     ("trainer.max_timestep=10", "trainer.max_timestep must be in"),
     ("trainer.window_frames=20", "trainer.window_frames (20) must be a multiple"),
     ("trainer.lr=-1", "trainer.lr must be in [0.0, 1.0]"),
+    ("trainer.stage0_decay=0.99", "trainer.stage0_warmup + trainer.stage0_decay must be at most 1"),
     ("cluster.num_trainer_workers=0", "cluster.num_trainer_workers must be in [1, inf]"),
     ("cluster.address=", "cluster.address must be"),
     ("storage.root=http://x", "storage.root must be a local path, file:// or s3:// URI"),

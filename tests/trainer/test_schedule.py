@@ -35,3 +35,30 @@ def test_ema_starts_at_iteration_ema_start_step_and_publishing_follows_versions(
     published = [(s, plan_step(1, s, cfg).version) for s in range(30) if plan_step(1, s, cfg).publish]
     assert published == [(0, 4), (10, 6), (20, 8)]  # every 2nd policy version, counted across stages
     assert [s for s in range(3) if plan_step(0, s, cfg).publish] == [1]  # Stage 0: version 2
+
+
+def test_stage0_rate_warms_up_holds_then_decays_to_its_final_ratio():
+    import math
+
+    import pytest
+    import torch
+
+    from trainer.models import apply_group_settings
+    from trainer.schedule import stage0_lr_factor
+
+    cfg = TrainerConfig(stage0_steps=100, stage0_warmup=0.1, stage0_decay=0.3, stage0_final_lr_ratio=0.1,
+                        memory_lr=3e-3)
+    f = [stage0_lr_factor(s, cfg) for s in range(100)]
+    assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear to the full rate at iteration 9
+    assert f[10:70] == [1.0] * 60  # stable
+    # cosine over the last 30 iterations, the final ratio at the last one, through the midpoint
+    assert f[99] == pytest.approx(0.1) and f[84] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 30)))
+    assert all(a > b for a, b in zip(f[69:], f[70:]))
+    assert stage0_lr_factor(0, TrainerConfig(stage0_steps=2, stage0_warmup=0.0, stage0_decay=0.0)) == 1.0
+    # the worker sets each named group's rate to its configured lr times the factor (weight decay untouched)
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [p], "lr": 1.0, "name": "memory"},
+                             {"params": [q], "lr": 1.0, "name": "slot_grouper"}])
+    apply_group_settings(opt, cfg, stage=0, lr_scale=f[90])
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([3e-3 * f[90]] * 2)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0]
