@@ -25,14 +25,19 @@ half of it); `slot_bank3` stores no more tokens than the frame bank (3 blocks = 
   ms/chunk        wall time of the memory's own work per chunk (set_prompt + read + write), all streams
                   batched, on CPU; the backbone is not simulated, so this is the memory overhead only.
 
-Honesty notes. The memory modules are untrained (default initialisation). Two linear maps that
-training would learn are *fitted* instead, on calibration streams with disjoint casts (different
-entities and scenes, same backbone and text encoder) and their ground-truth token labels: SlotMemory's
-text projections P_l (ridge regression from an entity's word embedding to the slot embeddings of items
-made of >= 75% that entity's tokens) and, symmetrically, the frame bank's text keys (ridge regression
-from the word embedding to the entity's mean key per layer; MemFlow would use the backbone's
-cross-attention keys). Keys carry no RoPE here, which favours the frame bank's key-based text scoring.
-Nothing about the evaluation streams is used for fitting, and outcomes are measured, not set.
+Training. The slot grouper (phi_l, slot attention, initialiser, dynamics predictor) and the feature
+decoder are trained by the project's Stage 0 objective and schedule on calibration streams with disjoint
+casts (different entities and scenes, same backbone and text encoder): L_con + stage0_rec_weight * L_feat
+(memory.slot_loss(0)), AdamW at memory_lr without weight decay, the rate following
+trainer/schedule.py stage0_lr_factor; `slot_untrained` keeps the default initialisation, side by side.
+Honesty notes. Two linear maps that the generation loss of Stages I/II would train (it needs a teacher, which
+this synthetic world has not) are *fitted* on the calibration streams and their ground-truth token labels:
+SlotMemory's text projections P_l (ridge regression from an entity's word embedding to the slot embeddings of
+items made of >= 75% that entity's tokens, through the grouper of that row) and, symmetrically, the frame
+bank's text keys (ridge regression from the word embedding to the entity's mean key per layer; MemFlow would
+use the backbone's cross-attention keys). Keys carry no RoPE here, which favours the frame bank's key-based
+text scoring. Nothing about the evaluation streams is used for training or fitting, and outcomes are measured,
+not set.
 """
 
 from __future__ import annotations
@@ -41,14 +46,15 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from memory import build_memory
 from memory.writer import top_tokens
-from slotmem.config import MemoryConfig
+from slotmem.config import MemoryConfig, TrainerConfig
+from trainer.schedule import stage0_lr_factor
 
 NUM_LAYERS, DIM, HEADS, HEAD_DIM, TEXT_DIM = 2, 64, 4, 16, 32
 GRID, FRAMES = 8, 3  # 8x8 tokens per latent frame, 3 frames per chunk
@@ -64,8 +70,11 @@ BASE = dict(slot_dim=32, num_slots_per_chunk=4, tokens_per_slot=16, bank_size=6,
             retrieve_top_k=12, frame_bank_frames=3)
 # (row name, memory kind, changes to BASE). slot_bank3 stores as many tokens as the frame bank (12 items x 16)
 # and therefore reads its whole bank: it isolates eviction from retrieval.
-VARIANTS = [("slot", "slot", {}), ("slot_bank3", "slot", {"bank_size": 3}), ("frame_bank", "frame_bank", {}),
-            ("none", "none", {})]
+VARIANTS = [("slot_untrained", "slot", {}), ("slot", "slot", {}), ("slot_bank3", "slot", {"bank_size": 3}),
+            ("frame_bank", "frame_bank", {}), ("none", "none", {})]
+# Stage 0 on the calibration streams: the tiny preset's rate and length (configs/tiny.yaml), the default
+# reconstruction weight (these features have object structure; the demo's random backbone's have little)
+STAGE0 = TrainerConfig(stage0_steps=150, memory_lr=3e-3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,6 +165,35 @@ class Stream:
 
 
 # ----------------------------------------------------------------------------------------------
+# Stage 0 on the calibration streams
+# ----------------------------------------------------------------------------------------------
+
+
+def train_stage0(mem, world: World, streams: list[Stream], num_chunks: int, tcfg: TrainerConfig, batch: int,
+                 g: torch.Generator) -> list[dict[str, float]]:
+    """The slot modules Stage 0 trains (trainer/models.py _slot_modules_only), with its objective and rate."""
+    params = [p for name in ("writer", "decoder") for p in getattr(mem, name).parameters()]
+    opt = torch.optim.AdamW(params, lr=tcfg.memory_lr, betas=(tcfg.beta1, tcfg.beta2), weight_decay=0.0)
+    history = []
+    for step in range(tcfg.stage0_steps):
+        pick = torch.randperm(len(streams), generator=g)[:batch].tolist()
+        mem.reset(batch)
+        mem.set_prompt(torch.stack([streams[i].prompt_words(0) for i in pick]).mean(1), 0)
+        for c in range(min(num_chunks, 8)):  # a window's worth of chunks, as a Stage 0 update replays
+            chunk = [streams[i].chunk(c, g) for i in pick]
+            mem.write(world.states(torch.stack([f for f, _ in chunk])), chunk_index=c, start_frame=FRAMES * c,
+                      num_frames=FRAMES)
+        loss = mem.slot_loss(0, feature_weight=tcfg.stage0_rec_weight)
+        for group in opt.param_groups:
+            group["lr"] = tcfg.memory_lr * stage0_lr_factor(step, tcfg)
+        opt.zero_grad()
+        loss.total.backward()
+        opt.step()
+        history.append({**loss.health, **{k: float(v) for k, v in loss.parts.items()}})
+    return history
+
+
+# ----------------------------------------------------------------------------------------------
 # fitted text maps (calibration stream, disjoint cast)
 # ----------------------------------------------------------------------------------------------
 
@@ -200,13 +238,20 @@ def fit_text_maps(mem, world: World, streams: list[Stream], num_chunks: int, g: 
 # ----------------------------------------------------------------------------------------------
 
 
+def make_memory(cfg: MemoryConfig, init_seed: int):
+    torch.manual_seed(init_seed)  # every slot memory starts from the same untrained modules
+    return build_memory(cfg, num_layers=NUM_LAYERS, dim=DIM, num_heads=HEADS, head_dim=HEAD_DIM, text_dim=TEXT_DIM,
+                        tokens_per_frame=TPF, num_frame_per_block=FRAMES)
+
+
 @torch.no_grad()
 def run_kind(name: str, cfg: MemoryConfig, world: World, streams: list[Stream], text_proj, key_proj, seed: int,
-             init_seed: int) -> dict:
+             init_seed: int, trained: dict | None = None) -> dict:
     kind = cfg.kind
-    torch.manual_seed(init_seed)  # every slot run starts from the same untrained module
-    mem = build_memory(cfg, num_layers=NUM_LAYERS, dim=DIM, num_heads=HEADS, head_dim=HEAD_DIM, text_dim=TEXT_DIM,
-                       tokens_per_frame=TPF, num_frame_per_block=FRAMES)
+    mem = make_memory(cfg, init_seed)
+    if trained is not None:  # the Stage 0 modules (their shapes do not depend on the bank size)
+        mem.writer.load_state_dict(trained["writer"])
+        mem.decoder.load_state_dict(trained["decoder"])
     if kind == "slot":
         for proj, w in zip(mem.text_proj, text_proj):
             proj.weight.copy_(w.T)
@@ -297,6 +342,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--segments", type=int, default=12, help=f"prompt segments per stream ({SEG_CHUNKS} chunks each)")
     ap.add_argument("--calibration-streams", type=int, default=32,
                     help="streams (8 entities each, disjoint from the evaluation casts) used to fit the text maps")
+    ap.add_argument("--stage0-steps", type=int, default=STAGE0.stage0_steps,
+                    help="Stage 0 updates of the slot modules on the calibration streams")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny tensors: 1 is fastest)")
     args = ap.parse_args(argv)
@@ -310,14 +357,27 @@ def main(argv: list[str] | None = None) -> dict:
 
     configs = {name: MemoryConfig(kind=kind, **{**BASE, **changes}) for name, kind, changes in VARIANTS}
     init_seed = args.seed + 1
-    torch.manual_seed(init_seed)
-    fitter = build_memory(configs["slot"], num_layers=NUM_LAYERS, dim=DIM, num_heads=HEADS, head_dim=HEAD_DIM,
-                          text_dim=TEXT_DIM, tokens_per_frame=TPF, num_frame_per_block=FRAMES)
-    text_proj, key_proj, pairs = fit_text_maps(fitter, world, calibration, args.segments * SEG_CHUNKS,
-                                               torch.Generator().manual_seed(args.seed + 2))
+    num_chunks = args.segments * SEG_CHUNKS
+    untrained = make_memory(configs["slot"], init_seed)
+    maps = {"untrained": fit_text_maps(untrained, world, calibration, num_chunks,
+                                       torch.Generator().manual_seed(args.seed + 2))}
+    stage0 = replace(STAGE0, stage0_steps=args.stage0_steps)
+    trained_mem = make_memory(configs["slot"], init_seed)
+    t0 = time.perf_counter()
+    history = train_stage0(trained_mem, world, calibration, num_chunks, stage0, args.streams,
+                           torch.Generator().manual_seed(args.seed + 4)) if stage0.stage0_steps else []
+    stage0_s = time.perf_counter() - t0
+    trained = {"writer": trained_mem.writer.state_dict(), "decoder": trained_mem.decoder.state_dict()}
+    maps["stage0"] = fit_text_maps(trained_mem, world, calibration, num_chunks,
+                                   torch.Generator().manual_seed(args.seed + 2))
+    _, key_proj, _ = maps["untrained"]  # the frame bank's text keys do not depend on the grouper
 
-    rows = [run_kind(name, cfg, world, streams, text_proj, key_proj, args.seed + 3, init_seed)
-            for name, cfg in configs.items()]
+    rows = []
+    for name, cfg in configs.items():
+        which = "untrained" if name == "slot_untrained" or cfg.kind != "slot" else "stage0"
+        text_proj, _, pairs = maps[which]
+        rows.append(run_kind(name, cfg, world, streams, text_proj, key_proj, args.seed + 3, init_seed,
+                             trained if which == "stage0" and cfg.kind == "slot" else None))
 
     header = f"{'memory':<12}{'entity recall':>14}{'named share':>13}{'mem tok/q':>11}{'tok/query':>11}" \
              f"{'stored/layer':>14}{'ms/chunk':>10}"
@@ -327,14 +387,23 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['name']:<12}{r['entity_recall']:>14.3f}{r['named_share']:>13.3f}{r['memory_tokens_per_query']:>11}"
               f"{r['tokens_per_query']:>11}{r['stored_tokens_per_layer']:>14}{r['ms_per_chunk']:>10.2f}")
     elapsed = time.perf_counter() - start
+    tail = lambda key: sum(h[key] for h in history[-10:]) / max(len(history[-10:]), 1)  # noqa: E731
+    first = history[0] if history else {}
+    print(f"Stage 0 on {args.calibration_streams} calibration streams: {len(history)} updates in {stage0_s:.1f} s; "
+          f"slot cosine {first.get('cosine', float('nan')):.2f} -> {tail('cosine') if history else float('nan'):.2f}, "
+          f"mask coverage {first.get('mask_coverage', float('nan')):.2f} -> "
+          f"{tail('mask_coverage') if history else float('nan'):.2f} (first update -> mean of the last 10)")
     print(f"{rows[0]['events']} re-appearances over {args.streams} streams x {rows[0]['chunks']} chunks; "
-          f"P fitted on {pairs} calibration items; {elapsed:.1f} s")
+          f"P fitted on {maps['untrained'][2]} (untrained) / {maps['stage0'][2]} (Stage 0) calibration items; "
+          f"{elapsed:.1f} s")
 
     result = {"config": {"memory": BASE, "num_layers": NUM_LAYERS, "dim": DIM, "heads": HEADS, "head_dim": HEAD_DIM,
                          "text_dim": TEXT_DIM, "tokens_per_frame": TPF, "frames_per_chunk": FRAMES,
                          "segment_chunks": SEG_CHUNKS, "streams": args.streams, "segments": args.segments,
                          "seed": args.seed, "noise": NOISE},
-              "results": rows, "calibration_items": pairs, "seconds": elapsed}
+              "results": rows, "calibration_items": {k: v[2] for k, v in maps.items()},
+              "stage0": {"steps": len(history), "memory_lr": stage0.memory_lr, "seconds": stage0_s,
+                         "first": first, "last10": {k: tail(k) for k in first}}, "seconds": elapsed}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
