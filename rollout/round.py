@@ -396,6 +396,7 @@ def main(args, cfg: Config) -> int:
     from slotmem.config import check_weights
 
     check_weights(cfg, "rollout")
+    connect(cfg.cluster)  # first: it routes MLflow's own INFO lines (schema setup, system metrics) to the log file
     tracker = Tracker.from_config(cfg.tracking, cfg.storage)
     with tracker:
         tracker.resume_or_start(stage_run_name(cfg.experiment, "rollout", args.round_index),
