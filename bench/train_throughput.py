@@ -120,7 +120,7 @@ def _measure(cfg, zero_stage: int, row, negative, *, steps: int, rank: int, worl
                                              for p in teacher),
                        "param_elements_total": sum(getattr(p, "ds_numel", p.numel()) for p in teacher),
                        "master_param_elements": 0, "optimizer_state_elements": 0}
-    del engines
+    engines = None  # frees the engines before the next ZeRO stage builds its own (train_step closes over it)
     return {"steps": steps, "seconds": float(slowest), "held": held}
 
 

@@ -55,13 +55,13 @@ def test_trainer_worker_killed_mid_stage_resumes_from_latest_checkpoint(ray_clus
         f"storage.root={tmp_path}", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
         "tracking.system_metrics=false", "rollout.num_frames=48", "rollout.switch_frames=[24]",
         "rollout.switch_choices=[21]", "pipeline.mode=sequential", "trainer.stage0_steps=0",
-        "trainer.stage1_steps=20", "trainer.checkpoint_every=5", "cluster.max_failures=1"])
+        "trainer.stage1_steps=12", "trainer.checkpoint_every=4", "cluster.max_failures=1"])
     storage = resolve_storage(cfg.storage)
     make_committed_round(cfg, storage, 0, 4, 48)
     # Ray Train's controller lists the checkpoints it has registered in this snapshot; a checkpoint
     # directory alone may not be registered yet (then a restart would rightly start from scratch).
     snapshot = Path(storage.checkpoints_dir()) / "slotmem-tiny-random-stage1" / "checkpoint_manager_snapshot.json"
-    registered = lambda: snapshot.exists() and "checkpoint_step00000005" in snapshot.read_text()  # noqa: E731
+    registered = lambda: snapshot.exists() and "checkpoint_step00000004" in snapshot.read_text()  # noqa: E731
     out: dict = {}
     thread = threading.Thread(target=lambda: out.setdefault("result", run_stage(cfg, 1)))
     thread.start()
@@ -75,15 +75,15 @@ def test_trainer_worker_killed_mid_stage_resumes_from_latest_checkpoint(ray_clus
     thread.join(timeout=300)
     assert not thread.is_alive()
     result = out["result"]
-    assert result.steps == 20 and [h["step"] for h in result.history] == list(range(20))
+    assert result.steps == 12 and [h["step"] for h in result.history] == list(range(12))
     assert all(p not in _train_worker_pids() for p in victims)
-    # the restarted worker group resumed from a registered checkpoint (step 5 or later), not from scratch:
+    # the restarted worker group resumed from a registered checkpoint (step 4 or later), not from scratch:
     # no step before it ran twice, and every step ran
     client = MlflowClient(cfg.tracking.tracking_uri)
     resumed_from = int(client.get_run(result.mlflow_run_id).data.tags["resumed_from_step"])
-    assert 5 <= resumed_from < 20
+    assert 4 <= resumed_from < 12
     seen: dict[int, int] = {}
     for m in client.get_metric_history(result.mlflow_run_id, "loss/critic"):
         seen[m.step] = seen.get(m.step, 0) + 1
-    assert sorted(seen) == list(range(20))
+    assert sorted(seen) == list(range(12))
     assert all(seen[s] == 1 for s in range(resumed_from)), seen
