@@ -15,7 +15,7 @@ Trainer workers are placed by Ray Train itself from ``scaling_config(shape)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -32,6 +32,7 @@ class RolloutPlacement:
 
     pgs: list[PlacementGroup]
     shape: ClusterShape
+    released: set[int] = field(default_factory=set)
 
     def strategy(self, index: int) -> PlacementGroupSchedulingStrategy:
         """Scheduling strategy putting actor `index` into its own group."""
@@ -51,11 +52,14 @@ class RolloutPlacement:
 
     def release(self, index: int) -> None:
         """Free actor `index`'s group (its actor is retired: a lost node's bundle must not wait to be replaced)."""
-        remove_placement_group(self.pgs[index])
+        if index not in self.released:
+            self.released.add(index)
+            remove_placement_group(self.pgs[index])
 
     def remove(self) -> None:
-        for pg in self.pgs:
-            remove_placement_group(pg)
+        """Free every group not released yet (each is removed once)."""
+        for index in range(len(self.pgs)):
+            self.release(index)
 
 
 def rollout_placement_group(shape: ClusterShape, timeout_s: float = 120.0) -> RolloutPlacement:

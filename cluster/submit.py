@@ -167,6 +167,13 @@ class _NotDefaultExcludeNotice(logging.Filter):
         return "is now ignored by default when packaging" not in record.getMessage()
 
 
+def _quiet_exclude_notice() -> None:
+    """Install the filter once per process (a process that submits many jobs keeps one filter)."""
+    logger = logging.getLogger("ray._private.runtime_env.working_dir")
+    if not any(isinstance(f, _NotDefaultExcludeNotice) for f in logger.filters):
+        logger.addFilter(_NotDefaultExcludeNotice())
+
+
 def main_submit(args, cfg) -> int:
     """Submit `args.job` as a Ray job; follow its logs unless --no-wait. Exit code mirrors the job."""
     from cluster.jobs import client_for, follow
@@ -181,7 +188,7 @@ def main_submit(args, cfg) -> int:
     submission_id = args.submission_id or (
         f"slotmem-{entrypoint[1]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
     client = client_for(args.address)
-    logging.getLogger("ray._private.runtime_env.working_dir").addFilter(_NotDefaultExcludeNotice())
+    _quiet_exclude_notice()
     job_id = client.call("submit", lambda c: c.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env,
                                                           submission_id=submission_id))
     print(f"submitted job {job_id} to {args.address}")

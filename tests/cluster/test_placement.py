@@ -44,9 +44,11 @@ def test_rollout_actors_land_in_their_own_groups_and_one_can_be_released(ray_clu
         placement.release(0)  # a retired actor's group goes on its own; the others stay
         assert placement_group_table(placement.pgs[0])["state"] == "REMOVED"
         assert placement_group_table(placement.pgs[1])["state"] == "CREATED"
+        placement.release(0)  # a second release (the fleet's retire, then its shutdown) removes nothing twice
     finally:
         placement.remove()
     assert all(placement_group_table(pg)["state"] == "REMOVED" for pg in placement.pgs)
+    assert placement.released == set(range(len(placement.pgs)))
 
 
 def test_unplaceable_group_fails_fast_and_is_removed(ray_cluster, repo_root):

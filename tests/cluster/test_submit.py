@@ -68,6 +68,24 @@ def test_settings_are_forwarded_as_overrides_and_secrets_are_withheld(repo_root)
     assert SECRET not in str(e.value)
 
 
+def test_the_working_dir_notice_filter_is_installed_once_and_drops_only_that_notice():
+    import logging
+
+    from cluster.submit import _NotDefaultExcludeNotice, _quiet_exclude_notice
+
+    logger = logging.getLogger("ray._private.runtime_env.working_dir")
+    for _ in range(3):  # one process submitting three jobs
+        _quiet_exclude_notice()
+    filters = [f for f in logger.filters if isinstance(f, _NotDefaultExcludeNotice)]
+    assert len(filters) == 1
+
+    def record(msg):
+        return logging.LogRecord(logger.name, logging.WARNING, __file__, 1, msg, None, None)
+
+    assert not filters[0].filter(record("Directory .venv is now ignored by default when packaging the working dir"))
+    assert filters[0].filter(record("Uploading package gcs://_ray_pkg_x.zip"))
+
+
 def test_equivalent_ray_command_parses_back_to_the_same_job(repo_root):
     env = build_runtime_env(Path(repo_root), "b" * 40)
     cmd = ray_job_submit_command("http://head:8265", "slotmem-x", env, ["slotmem", "pipeline", "--config", "c.yaml"])
