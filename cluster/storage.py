@@ -342,14 +342,17 @@ def _split_endpoint(endpoint: str) -> tuple[str, str]:
 
 
 def publish_weights(storage: Storage, version: int, weights: bytes | str | Path | dict,
-                    meta: dict[str, Any] | None = None) -> str:
+                    meta: dict[str, Any] | None = None, *, supersede: bool = False) -> str:
     """Publish generator weights as policy_v{version}; returns the version directory.
 
     `weights` is serialized safetensors (bytes), a local .safetensors file, or a state dict of
     tensors. The safetensors file is written first and `_COMMITTED.json` (size, sha256, meta)
     last, so `latest_policy_version` never returns a half-written version. Publishing a version
     again with identical bytes is a no-op (a resumed trainer may do that); different bytes are an
-    error.
+    error unless `supersede`: a trainer attempt restarted from a checkpoint re-publishes the versions the
+    failed attempt published after that checkpoint, which its rerun need not reproduce bit for bit (rows
+    committed meanwhile, row placement); the marker goes first, so no reader takes the version as
+    committed while its file is replaced, and the new marker records the sha256 it superseded.
     """
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
         raise InputError(f"policy version must be a non-negative integer, got {version!r}")
@@ -373,8 +376,12 @@ def publish_weights(storage: Storage, version: int, weights: bytes | str | Path 
         existing = storage.read_json(commit_path)
         if existing.get("sha256") == sha:
             return vdir
-        raise InputError(f"policy version {version} is already published at {storage.uri(vdir)} with different "
-                         f"weights (sha256 {existing.get('sha256', '?')[:12]}…, new {sha[:12]}…)")
+        if supersede:
+            storage.retry("withdraw a superseded policy marker", lambda: storage.fs.delete_file(commit_path))
+            meta = {**(meta or {}), "supersedes_sha256": existing.get("sha256")}
+        else:
+            raise InputError(f"policy version {version} is already published at {storage.uri(vdir)} with "
+                             f"different weights (sha256 {existing.get('sha256', '?')[:12]}…, new {sha[:12]}…)")
     if stream_from is None:
         storage.write_bytes(f"{vdir}/{WEIGHTS_FILE}", data)
     else:

@@ -29,8 +29,10 @@ def policy_state(full: dict[str, Tensor], *, model_cfg: ModelConfig, trainer_cfg
 
 
 def publish_policy(storage: Storage, version: int, full: dict[str, Tensor], *, model_cfg: ModelConfig,
-                   trainer_cfg: TrainerConfig, ema: EMA | None = None, meta: dict | None = None) -> str:
-    """Publish version `version` (rank 0 only); returns its directory."""
+                   trainer_cfg: TrainerConfig, ema: EMA | None = None, meta: dict | None = None,
+                   supersede: bool = False) -> str:
+    """Publish version `version` (rank 0 only); returns its directory. supersede: see publish_weights."""
     state = policy_state(full, model_cfg=model_cfg, trainer_cfg=trainer_cfg, ema=ema)
     return publish_weights(storage, version, state, meta={**(meta or {}), "dtype": model_cfg.dtype,
-                                                          "ema": bool(ema is not None and ema.initialized)})
+                                                          "ema": bool(ema is not None and ema.initialized)},
+                           supersede=supersede)

@@ -83,6 +83,7 @@ class StageWorker:
 
         self.state = TrainerState(stage=self.stage, world_size=self.world)
         self.resumed = False
+        self.resume_version: int | None = None
         self.last_checkpoint_uri: str | None = None
         checkpoint = ray.train.get_checkpoint()
         ledger = loop_config.get("ledger") or {}
@@ -94,6 +95,9 @@ class StageWorker:
                                              generators=self.generators, ema=self.ema)
             self.resumed = True
             self.last_checkpoint_uri = self.storage.uri(checkpoint.path)
+            # versions after the checkpoint's were published by the attempt that failed: this one replaces them
+            self.resume_version = version_at_start(self.stage, cfg.trainer) + stage_updates(
+                self.stage, cfg.trainer, self.state.step)
             ledger = self.state.replay.get("ledger", ledger)
         elif self.stage == 2:  # Stage II continues Stage I's weights, optimizer state and EMA (DESIGN §5)
             self._start_from(stage_final_record(self.storage, 1)["meta"]["checkpoint"])
@@ -323,7 +327,8 @@ class StageWorker:
         if self.rank == 0:
             vdir = publish_policy(self.storage, version, full, model_cfg=self.cfg.model, trainer_cfg=self.cfg.trainer,
                                   ema=self.ema if final else None,
-                                  meta={"stage": self.stage, "step": self.state.step, "run_name": self.run_name})
+                                  meta={"stage": self.stage, "step": self.state.step, "run_name": self.run_name},
+                                  supersede=self.resume_version is not None and version > self.resume_version)
             self.tracker.set_tags({"published_weights": self.storage.uri(vdir), "policy_version": version})
         return full if self.rank == 0 else None
 

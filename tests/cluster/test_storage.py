@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import pickle
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -235,6 +237,20 @@ def test_publish_and_fetch_weights_local(tmp_path):
     with pytest.raises(InputError, match=r"policy_v000003.*sha256"):
         fetch_weights(st, 3, tmp_path / "cache2")
     assert not (tmp_path / "cache2" / "policy_v000003" / WEIGHTS_FILE).exists()
+
+
+def test_a_restarted_attempt_supersedes_a_version_only_when_told(tmp_path):
+    st = _local(tmp_path)
+    publish_weights(st, 2, _state(1))
+    with pytest.raises(InputError, match="already published .* different weights"):
+        publish_weights(st, 2, _state(2))  # two writers of one version: refused
+    first = policy_meta(st, 2)["sha256"]
+    publish_weights(st, 2, _state(2), supersede=True)  # the rerun after a checkpoint replaces it
+    record = policy_meta(st, 2)
+    assert record["sha256"] != first and record["meta"]["supersedes_sha256"] == first
+    fetched = fetch_weights(st, 2, tmp_path / "cache")
+    assert hashlib.sha256(Path(fetched).read_bytes()).hexdigest() == record["sha256"]
+    assert latest_policy_version(st) == 2
 
 
 def test_publish_and_fetch_weights_s3(s3_server, tmp_path):
