@@ -54,6 +54,7 @@ import torch
 from memory import build_memory
 from memory.writer import top_tokens
 from slotmem.config import MemoryConfig, TrainerConfig
+from trainer.models import apply_group_settings
 from trainer.schedule import stage0_lr_factor
 
 NUM_LAYERS, DIM, HEADS, HEAD_DIM, TEXT_DIM = 2, 64, 4, 16, 32
@@ -173,7 +174,7 @@ def train_stage0(mem, world: World, streams: list[Stream], num_chunks: int, tcfg
                  g: torch.Generator) -> list[dict[str, float]]:
     """The slot modules Stage 0 trains (trainer/models.py _slot_modules_only), with its objective and rate."""
     params = [p for name in ("writer", "decoder") for p in getattr(mem, name).parameters()]
-    opt = torch.optim.AdamW(params, lr=tcfg.memory_lr, betas=(tcfg.beta1, tcfg.beta2), weight_decay=0.0)
+    opt = torch.optim.AdamW([{"params": params, "name": "memory"}], betas=(tcfg.beta1, tcfg.beta2))
     history = []
     for step in range(tcfg.stage0_steps):
         pick = torch.randperm(len(streams), generator=g)[:batch].tolist()
@@ -184,8 +185,7 @@ def train_stage0(mem, world: World, streams: list[Stream], num_chunks: int, tcfg
             mem.write(world.states(torch.stack([f for f, _ in chunk])), chunk_index=c, start_frame=FRAMES * c,
                       num_frames=FRAMES)
         loss = mem.slot_loss(0, feature_weight=tcfg.stage0_rec_weight)
-        for group in opt.param_groups:
-            group["lr"] = tcfg.memory_lr * stage0_lr_factor(step, tcfg)
+        apply_group_settings(opt, tcfg, stage=0, lr_scale=stage0_lr_factor(step, tcfg))  # memory_lr, no decay
         opt.zero_grad()
         loss.total.backward()
         opt.step()

@@ -126,8 +126,7 @@ class RolloutFleet:
         """Halt the rounds and free the actors."""
         self.halt()
         if self.group is not None:
-            self.group.closing = True
-            self.group.shutdown()
+            self.group.shutdown()  # sets closing first: a dispatch still in flight returns without requeueing
         if self._thread is not None:
             self._thread.join(timeout=60)
         self.group = None

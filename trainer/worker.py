@@ -96,8 +96,7 @@ class StageWorker:
             self.resumed = True
             self.last_checkpoint_uri = self.storage.uri(checkpoint.path)
             # versions after the checkpoint's were published by the attempt that failed: this one replaces them
-            self.resume_version = version_at_start(self.stage, cfg.trainer) + stage_updates(
-                self.stage, cfg.trainer, self.state.step)
+            self.resume_version = self.base_version + stage_updates(self.stage, cfg.trainer, self.state.step)
             ledger = self.state.replay.get("ledger", ledger)
         elif self.stage == 2:  # Stage II continues Stage I's weights, optimizer state and EMA (DESIGN §5)
             self._start_from(stage_final_record(self.storage, 1)["meta"]["checkpoint"])

@@ -16,7 +16,7 @@ from slotmem.config import load_config
 from slotmem.errors import InputError
 from tests.fixtures_data import make_committed_round
 from model.vae import build_vae
-from trainer.models import build_training_models, parameter_groups
+from trainer.models import apply_group_settings, build_training_models, parameter_groups
 from trainer.objectives import critic_loss, generator_loss, warmup_loss
 from trainer.schedule import stage0_lr_factor
 from trainer.window import (RankSync, TrajectoryWindow, draw_exit_steps, new_state, prefill, prompts_from_embeddings,
@@ -348,8 +348,7 @@ def test_stage0_takes_the_grouper_out_of_collapse_on_long_chains(cfg, rows):
     before = [health(False, late, row) for row in rows]
     for step in range(STAGE0_STEPS):
         out = health(True, CHUNK * int(torch.randint(late // CHUNK + 1, (1,), generator=rng)), rows[step % 2])
-        for group in opt.param_groups:
-            group["lr"] = tcfg.memory_lr * stage0_lr_factor(step, tcfg)
+        apply_group_settings(opt, tcfg, stage=0, lr_scale=stage0_lr_factor(step, tcfg))  # as the worker does
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
