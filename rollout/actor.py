@@ -19,7 +19,6 @@ its placement, restart and retry options, and tests may also drive it in-process
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import tempfile
 import time
@@ -70,7 +69,6 @@ class RolloutActor:
         self.text_encoder = comps.text_encoder
         self.device = comps.device
         self.loaded_version: int | None = None  # None: the initial weights (policy_version 0)
-        self._weights_dir = tempfile.TemporaryDirectory(prefix=f"slotmem-{actor_id}-weights-")
         self.build_s = time.perf_counter() - t0
 
     @property
@@ -105,8 +103,9 @@ class RolloutActor:
         latest = latest_policy_version(self.storage)
         if latest is None or latest == self.loaded_version:
             return time.perf_counter() - t0
-        path = fetch_weights(self.storage, latest, self._weights_dir.name)
-        state = load_state_dict_file(path)
+        # the file lives only while it is read: a killed actor (ray.kill runs no finalizers) leaves nothing behind
+        with tempfile.TemporaryDirectory(prefix=f"slotmem-{self.actor_id}-weights-") as tmp:
+            state = load_state_dict_file(fetch_weights(self.storage, latest, tmp))
         missing, unexpected = self.generator.load_state_dict(state, strict=False)
         if missing or unexpected:
             where = self.storage.uri(self.storage.weights_dir(latest))
@@ -114,9 +113,6 @@ class RolloutActor:
                              f"does not match the generator: {len(missing)} missing (e.g. {missing[:3]}), "
                              f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
         self.loaded_version = latest
-        for old in Path(self._weights_dir.name).iterdir():  # older versions are never needed again
-            if old != path.parent:
-                shutil.rmtree(old, ignore_errors=True)
         return time.perf_counter() - t0
 
     # -- sample videos -------------------------------------------------------------------------

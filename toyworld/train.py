@@ -4,7 +4,7 @@ Stages, each reading the artifacts of the stages before it from the run director
 unless --out is given), each deterministic in --seed:
 
   vae       tiny Wan VAE, reconstruction of rendered 5-frame clips      -> vae/ (diffusers)
-  vae_temporal  its fine-tune on 9-frame clips (the causal cache's steady state), latent statistics
+  vae_temporal  its fine-tune on 13-frame clips (every cache at its steady state), latent statistics
   text      tiny umT5 with its fixed seeded weights                      -> text_encoder/ (transformers)
   data      60 s training videos encoded by the VAE                      -> toyworld/.cache/ (git-ignored)
   teacher   bidirectional teacher, flow matching on 21-frame windows     -> teacher.safetensors + teacher.json
@@ -38,7 +38,7 @@ from toyworld.train_vae import TEMPORAL_CLIP_PIXEL_FRAMES, train_vae
 
 STAGES = ("vae", "vae_temporal", "text", "data", "teacher", "student", "causal")
 # budgets of the full run (sized for < 45 min on 2 CPU cores) and of --quick
-FULL = dict(vae_steps=600, vae_batch=8, vae_temporal_steps=150, stats_videos=3, stats_frames=None, psnr_clips=4,
+FULL = dict(vae_steps=900, vae_batch=8, vae_temporal_steps=600, stats_videos=3, stats_frames=None, psnr_clips=4,
             num_scripts=12, videos_per_script=2, data_frames=None, teacher_steps=700, teacher_batch=8,
             student_steps=700, student_batch=8, causal_passes=72, causal_frames=240)
 QUICK = dict(vae_steps=2, vae_batch=2, vae_temporal_steps=1, stats_videos=1, stats_frames=6, psnr_clips=1,
@@ -65,7 +65,7 @@ def run(stages, artifacts: Artifacts, budget: dict, seed: int = 0, cache: Path |
                                        measure=False)
         elif stage == "vae_temporal":
             summary["vae_temporal"] = train_vae(
-                artifacts.vae, steps=budget["vae_temporal_steps"], batch=budget["vae_batch"], lr=1e-3, seed=seed,
+                artifacts.vae, steps=budget["vae_temporal_steps"], batch=budget["vae_batch"], lr=1.5e-3, seed=seed,
                 frames=TEMPORAL_CLIP_PIXEL_FRAMES, init=artifacts.vae, stats_videos=budget["stats_videos"],
                 stats_frames=budget["stats_frames"], psnr_clips=budget["psnr_clips"])
         elif stage == "text":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,43 @@ def test_errors_name_the_field(vae, tiny_cfg, tmp_path):
         build_vae(dataclasses.replace(tiny_cfg, in_channels=4, vae_path=str(tmp_path / "v16")))
     with pytest.raises(InputError, match="latents must be"):
         vae.decode(torch.randn(1, 2, 4, 8, 8))
+
+
+def _frame_local_copy(model):
+    """A copy of ``model`` with the past-frame taps of its stride-1 temporal convolutions zeroed (what
+    toyworld/train_vae.py trains), built here independently of model/vae.py."""
+    import copy
+
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    local = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in local.modules():
+            if isinstance(m, WanCausalConv3d) and m.kernel_size[0] == 3 and m.stride[0] == 1:
+                m.weight[:, :, :2] = 0
+    return local
+
+
+def test_frame_local_convolutions_give_the_same_video_and_forget_the_past(tiny_cfg):
+    model = tiny_vae_model(tiny_cfg)
+    assert VAE(model).frame_local_convs == 0  # a VAE with temporal taps (Wan's own) keeps diffusers' forward
+    reference = SimpleNamespace(model=_frame_local_copy(model))  # diffusers' own forward, never wrapped by VAE
+    vae = VAE(_frame_local_copy(model))
+    # every stride-1 3-tap conv: conv_in/out and the residual convs of both sides, the decoder's time_convs
+    assert vae.frame_local_convs > 10
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 5, tiny_cfg.in_channels, 8, 8, generator=g)
+    video = vae.decode(latents)
+    # the same sums in another order: at most one uint8 step apart, on a few pixels
+    diff = (video.int() - _reference_decode(reference, latents).int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 0.01
+    # the decoder is stateless past its first latent frame: frames 2..4 decode the same after another past
+    other = latents.clone()
+    other[:, 1] = torch.randn(other[:, 1].shape, generator=g)
+    assert torch.equal(vae.decode(other)[:, 5:], video[:, 5:])
+    assert not torch.equal(vae.decode(other)[:, 1:5], video[:, 1:5])
+    # encoding goes through the same convolutions: the fast path equals diffusers' forward there too
+    x = video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # [B, 3, T, H, W]
+    with torch.no_grad():
+        z = reference.model.encode(x).latent_dist.mode().permute(0, 2, 1, 3, 4)  # mean 0 / std 1: normalised
+    assert torch.allclose(vae.encode(video), z, atol=1e-5)

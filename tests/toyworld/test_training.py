@@ -15,7 +15,7 @@ from rollout.components import build_generator
 from rollout.streaming import StreamState
 from slotmem.config import build_section
 from toyworld import train_causal as tc
-from toyworld.configs import (LATENT_SIZE, Artifacts, student_memory_config, student_model_config,
+from toyworld.configs import (LATENT_SIZE, TEACHER, Artifacts, student_memory_config, student_model_config,
                               teacher_model_config, trained_model_config)
 from toyworld.data import LatentDataset, window_starts
 from toyworld.palette import pixel_frames
@@ -159,3 +159,22 @@ def test_committed_artifacts_load_through_the_pipeline_paths():
     assert gen.backbone.cfg.num_layers == 4 and teacher.cfg.num_layers == teacher_section.num_layers
     size = sum(f.stat().st_size for f in artifacts.root.rglob("*") if f.is_file())
     assert size < 16 * 2**20  # a few MB, committed
+
+
+def test_toyworld_preset_is_the_trained_architecture():
+    """configs/toyworld.yaml runs the models `make toyworld` trains: its sections are toyworld/configs.py's, its
+    paths the committed artifacts (relative to the checkout)."""
+    import dataclasses
+    from pathlib import Path
+
+    from slotmem.config import load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(repo / "configs" / "toyworld.yaml")
+    artifacts = Artifacts(root=Path("toyworld/weights"))
+    paths = dict(model_path=str(artifacts.causal_base), vae_path=str(artifacts.vae),
+                 text_encoder_path=str(artifacts.text_encoder))
+    assert cfg.model == dataclasses.replace(student_model_config(**paths), dtype=cfg.model.dtype)
+    assert cfg.memory == student_memory_config()
+    assert cfg.teacher == build_section("teacher", {**TEACHER, "model_path": str(artifacts.teacher)})
+    assert cfg.trainer.critic_path == str(artifacts.critic_base)
