@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/loop.py
 	$(BIN)/python bench/flops.py
+	$(BIN)/python bench/entity_memory.py
 
 clean:
 	rm -rf $(VENV) runs

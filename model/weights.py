@@ -14,6 +14,7 @@ diffusers-style file names with Wan keys). Nothing is ever downloaded.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from slotmem.config import ModelConfig
 from slotmem.errors import InputError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+WEIGHTS_MODE = 0o644  # rw-r--r--: readable by the group that runs the cluster, like our videos (rollout/video.py)
 # Prefixes that training wrappers put in front of the model's own names.
 WRAPPER_PREFIXES = ("model.diffusion_model.", "_orig_mod.", "module.", "model.")
 
@@ -118,13 +120,17 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
 
 def save_state_dict_file(state_dict: dict[str, Tensor], path: str | Path,
                          metadata: dict[str, str] | None = None) -> None:
-    """Write tensors to a .safetensors file (contiguous CPU copies); parent directories are created."""
+    """Write tensors to a .safetensors file (contiguous CPU copies); parent directories are created. The file
+    appears whole (written beside it, then renamed) and group-readable (safetensors itself creates it 0600)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise InputError(f"weights file {str(path)!r} must end in .safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(path), metadata=metadata)
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, WEIGHTS_MODE)
+    os.replace(tmp, path)
 
 
 def _prefer_model_files(files: list[Path]) -> list[Path]:

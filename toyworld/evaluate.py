@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -172,6 +173,21 @@ def eval_memory(artifacts: Artifacts, vae, text, n_scripts: int, samples: int, s
     return out
 
 
+def judge_video(path: Path) -> dict:
+    """The judge on a written video (a pipeline sample or `slotmem generate` output) against the prompts of the
+    json written beside it: per-segment adherence and their mean."""
+    import imageio.v3 as iio
+
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
+        raise SystemExit(f"toyworld.evaluate --video: {meta_path} (the video's prompts and switch frames) is missing")
+    meta = json.loads(meta_path.read_text())
+    reports = judge.detect(iio.imread(path))  # [T, H, W, 3] uint8
+    segments = judge.segment_adherence(reports, meta["prompts"], meta["switch_frames"], meta["num_latent_frames"])
+    return {"video": str(path), "adherence": float(np.mean(segments)), "per_segment": segments,
+            "prompts": meta["prompts"]}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m toyworld.evaluate", description=__doc__.splitlines()[0])
     ap.add_argument("--weights", default=str(Artifacts().root), help="directory of the trained artifacts")
@@ -180,9 +196,13 @@ def main(argv=None) -> None:
     ap.add_argument("--only", nargs="*", default=["vae", "judge", "teacher", "student", "memory"])
     ap.add_argument("--n", nargs="*", default=[], metavar="KEY=N",
                     help="override sample counts (vae, judge, teacher, scripts, samples, memory, segments)")
+    ap.add_argument("--video", default=None, help="judge this video (with its .json) and exit")
     args = ap.parse_args(argv)
+    if args.video:
+        print(json.dumps(judge_video(Path(args.video)), indent=2))
+        return
     torch.manual_seed(args.seed)
-    artifacts = Artifacts(root=__import__("pathlib").Path(args.weights))
+    artifacts = Artifacts(root=Path(args.weights))
     n = dict(vae=1, judge=1, teacher=2, scripts=1, samples=1, memory=1, segments=3) if args.quick else \
         dict(vae=16, judge=4, teacher=16, scripts=4, samples=2, memory=8, segments=None)
     for item in args.n:

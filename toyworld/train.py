@@ -38,7 +38,7 @@ from toyworld.train_vae import TEMPORAL_CLIP_PIXEL_FRAMES, train_vae
 
 STAGES = ("vae", "vae_temporal", "text", "data", "teacher", "student", "causal")
 # budgets of the full run (sized for < 45 min on 2 CPU cores) and of --quick
-FULL = dict(vae_steps=900, vae_batch=8, vae_temporal_steps=600, stats_videos=3, stats_frames=None, psnr_clips=4,
+FULL = dict(vae_steps=900, vae_batch=8, vae_temporal_steps=600, stats_videos=24, stats_frames=21, psnr_clips=4,
             num_scripts=12, videos_per_script=2, data_frames=None, teacher_steps=700, teacher_batch=8,
             student_steps=700, student_batch=8, causal_passes=72, causal_frames=240)
 QUICK = dict(vae_steps=2, vae_batch=2, vae_temporal_steps=1, stats_videos=1, stats_frames=6, psnr_clips=1,
@@ -96,11 +96,19 @@ def run(stages, artifacts: Artifacts, budget: dict, seed: int = 0, cache: Path |
         summary.setdefault("stage_cpu_seconds", {})[stage] = _cpu_seconds() - cpu0
         summary.setdefault("stage_load_average", {})[stage] = os.getloadavg()[0]
         artifacts.training_summary.write_text(json.dumps(summary, indent=2))
+        _group_readable(artifacts.root)
     total = time.time() - t_all
     print(f"[train] finished {', '.join(stages)} in {total:.0f}s ({total / 60:.1f} min, "
           f"{sum(summary['stage_cpu_seconds'][s] for s in stages):.0f} CPU s): "
           + ", ".join(f"{s} {summary['stage_seconds'][s]:.0f}s" for s in stages), flush=True)
     return summary
+
+
+def _group_readable(root: Path) -> None:
+    """safetensors creates its files 0600 (diffusers' and transformers' save_pretrained included)."""
+    for f in root.rglob("*"):
+        if f.is_file():
+            f.chmod(0o644)
 
 
 def _cpu_seconds() -> float:

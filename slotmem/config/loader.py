@@ -223,7 +223,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if data[section] is None:
             data[section] = {}
         data[section][key] = value
-    return build_config(data)
+    return build_config(_absolute_local_paths(data))
+
+
+# local paths a job reads, maybe in other processes: Ray Train runs its workers in a trial directory, not the
+# driver's working directory, so a relative path is made absolute where the config is read
+_LOCAL_PATH_FIELDS = (("model", "model_path"), ("model", "text_encoder_path"), ("model", "tokenizer_path"),
+                      ("model", "vae_path"), ("teacher", "model_path"), ("trainer", "critic_path"),
+                      ("trainer", "lora_path"), ("rollout", "prompt_file"), ("pipeline", "sample_prompts"))
+
+
+def _absolute_local_paths(data: dict[str, Any]) -> dict[str, Any]:
+    """Relative local weight paths (relative to the working directory, as on the command line) made absolute."""
+    for section, key in _LOCAL_PATH_FIELDS:
+        fields_ = data.get(section)
+        value = fields_.get(key) if isinstance(fields_, dict) else None  # a malformed section fails in build_config
+        if isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute():
+            data[section][key] = str(Path.cwd() / value)
+    return data
 
 
 def replace(section, **changes):

@@ -99,6 +99,9 @@ def test_state_dict_file_helpers(tmp_path):
     save_state_dict_file(tensors, tmp_path / "sub" / "w.safetensors", metadata={"policy_version": "3"})
     loaded = load_state_dict_file(tmp_path / "sub" / "w.safetensors")
     assert torch.equal(loaded["a"], tensors["a"]) and loaded["b"].dtype == torch.bfloat16
+    # group-readable, and nothing but the finished file is left (it was written beside it, then renamed)
+    assert (tmp_path / "sub" / "w.safetensors").stat().st_mode & 0o777 == 0o644
+    assert [f.name for f in (tmp_path / "sub").iterdir()] == ["w.safetensors"]
     with pytest.raises(InputError, match="must end in .safetensors"):
         save_state_dict_file(tensors, tmp_path / "w.bin")
 

@@ -161,17 +161,18 @@ def test_committed_artifacts_load_through_the_pipeline_paths():
     assert size < 16 * 2**20  # a few MB, committed
 
 
-def test_toyworld_preset_is_the_trained_architecture():
+def test_toyworld_preset_is_the_trained_architecture(monkeypatch):
     """configs/toyworld.yaml runs the models `make toyworld` trains: its sections are toyworld/configs.py's, its
-    paths the committed artifacts (relative to the checkout)."""
+    paths the committed artifacts (relative to the checkout, made absolute where the config is read)."""
     import dataclasses
     from pathlib import Path
 
     from slotmem.config import load_config
 
     repo = Path(__file__).resolve().parents[2]
-    cfg = load_config(repo / "configs" / "toyworld.yaml")
-    artifacts = Artifacts(root=Path("toyworld/weights"))
+    monkeypatch.chdir(repo)
+    cfg = load_config("configs/toyworld.yaml")
+    artifacts = Artifacts()  # toyworld/weights/ of this checkout
     paths = dict(model_path=str(artifacts.causal_base), vae_path=str(artifacts.vae),
                  text_encoder_path=str(artifacts.text_encoder))
     assert cfg.model == dataclasses.replace(student_model_config(**paths), dtype=cfg.model.dtype)
