@@ -82,7 +82,7 @@ def run_kind(kind: str, artifacts: Artifacts, vae, text, scripts: int, samples: 
             "s_per_chunk": seconds / chunks, "videos": scripts * samples}
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", default=str(Artifacts().root), help="the toy world's trained artifacts")
     ap.add_argument("--policy", default=None, help="a published policy (.safetensors) whose memory tensors to use")

@@ -139,17 +139,20 @@ class VAE:
         self.model.save_pretrained(str(directory))
 
 
+def temporal_tap_convs(model) -> list:
+    """The causal convolutions of ``model`` with 3 temporal taps and stride 1 (all but the encoder's stride-2
+    temporal downsamplers): the ones that can be frame-local."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    return [m for m in model.modules() if isinstance(m, WanCausalConv3d) and m.kernel_size[0] == 3 and m.stride[0] == 1]
+
+
 def frame_local_convs(model) -> list:
-    """The causal convolutions of ``model`` with 3 temporal taps, stride 1, whose two past-frame taps are zero:
-    they look at the current frame only. The encoder's stride-2 temporal downsamplers are never among them.
+    """The temporal_tap_convs of ``model`` whose two past-frame taps are zero: they look at the current frame only.
     The toy world's VAE (toyworld/train_vae.py) is trained so: every convolution of its decoder and all but
     the temporal downsamplers of its encoder, so the decoder behaves the same at frame 900 as at frame 20,
     where Wan's 2-frame taps chained through ~20 convolutions drift past the clip length seen in training."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
-
-    return [m for m in model.modules()
-            if isinstance(m, WanCausalConv3d) and m.kernel_size[0] == 3 and m.stride[0] == 1
-            and not torch.any(m.weight[:, :, :2])]
+    return [m for m in temporal_tap_convs(model) if not torch.any(m.weight[:, :, :2])]
 
 
 def _frame_local_forward(self, x: Tensor, cache_x: Tensor | None = None) -> Tensor:

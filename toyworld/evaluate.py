@@ -178,7 +178,9 @@ def judge_video(path: Path) -> dict:
     json written beside it: per-segment adherence and their mean."""
     import imageio.v3 as iio
 
-    meta_path = path.with_suffix(".json")
+    from rollout.video import sidecar_path
+
+    meta_path = sidecar_path(path)
     if not meta_path.is_file():
         raise SystemExit(f"toyworld.evaluate --video: {meta_path} (the video's prompts and switch frames) is missing")
     meta = json.loads(meta_path.read_text())

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from model.vae import build_vae
-from model.weights import read_checkpoint
+from model.weights import WEIGHTS_MODE, read_checkpoint
 from toyworld.configs import TEACHER, Artifacts, student_model_config, teacher_model_config, trained_model_config
 from toyworld.data import load_or_build
 from toyworld.text import load_text_encoder, save_text_encoder
@@ -108,7 +108,7 @@ def _group_readable(root: Path) -> None:
     """safetensors creates its files 0600 (diffusers' and transformers' save_pretrained included)."""
     for f in root.rglob("*"):
         if f.is_file():
-            f.chmod(0o644)
+            f.chmod(WEIGHTS_MODE)
 
 
 def _cpu_seconds() -> float:

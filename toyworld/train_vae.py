@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.vae import VAE, use_frame_local_convs
+from model.vae import VAE, temporal_tap_convs, use_frame_local_convs
 from toyworld.configs import VAE_BASE_DIM, VAE_DIM_MULT, VAE_TEMPORAL_DOWNSAMPLE, VAE_Z_DIM
 from toyworld.palette import BACKGROUNDS, FRAME_SIZE, pixel_frames
 from toyworld.scripts import training_script
@@ -94,7 +94,6 @@ def toy_vae_model(seed: int = 0):
     """A fresh AutoencoderKLWan at the toy world's sizes (latent statistics 0 / 1 until measured), frame-local:
     the past-frame taps of its stride-1 temporal convolutions are zero (model/vae.py frame_local_convs)."""
     from diffusers import AutoencoderKLWan
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -102,9 +101,8 @@ def toy_vae_model(seed: int = 0):
                                  num_res_blocks=1, attn_scales=[], temperal_downsample=list(VAE_TEMPORAL_DOWNSAMPLE),
                                  latents_mean=[0.0] * VAE_Z_DIM, latents_std=[1.0] * VAE_Z_DIM)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, WanCausalConv3d) and m.kernel_size[0] == 3 and m.stride[0] == 1:
-                m.weight[:, :, :2].zero_()
+        for m in temporal_tap_convs(model):
+            m.weight[:, :, :2].zero_()
     return model
 
 
