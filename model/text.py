@@ -136,10 +136,13 @@ class TextEncoder:
 
 
 def build_text_encoder(model_cfg: ModelConfig, device: torch.device | str = "cpu",
-                       dtype: torch.dtype | str = torch.float32, cache_size: int = 64) -> TextEncoder:
-    """The text encoder named by ``model_cfg`` (see the module docstring), frozen, on ``device``."""
+                       dtype: torch.dtype | str = torch.float32, cache_size: int = 64, tokenizer=None) -> TextEncoder:
+    """The text encoder named by ``model_cfg`` (see the module docstring), frozen, on ``device``.
+
+    tokenizer: an already-built one instead of model.tokenizer_path's (the toy world builds its word-level
+    tokenizer this way before it saves the pair)."""
     dtype = as_dtype(dtype)
-    tokenizer = _load_tokenizer(model_cfg)
+    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model_cfg)
     if model_cfg.text_encoder_path:
         model = _load_encoder(model_cfg.text_encoder_path, dtype)
     else:

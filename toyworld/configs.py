@@ -29,7 +29,7 @@ class Artifacts:
         return self.root / "vae"
 
     @property
-    def text_encoder(self) -> Path:  # transformers UMT5EncoderModel + ByT5 tokenizer (model.text_encoder_path)
+    def text_encoder(self) -> Path:  # transformers UMT5EncoderModel + word-level tokenizer (model.text_encoder_path)
         return self.root / "text_encoder"
 
     @property

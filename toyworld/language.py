@@ -13,8 +13,8 @@ and setting restated (as LongLive / MemFlow switch prompts do); at most one even
 
 Lists read "A", "A and B", "A, B and C". No prompt mentions the hidden attribute (size). ``parse``
 inverts ``describe`` exactly and rejects anything else with the offending text in the message.
-Prompts stay under MAX_PROMPT_BYTES (the byte-level ByT5 tokenizer gives one token per byte; the tiny
-preset's text_len is 128, EOS included).
+Prompts stay under MAX_PROMPT_BYTES, so they fit the tiny preset's text_len of 128 even with a byte-level
+tokenizer (ByT5, one token per byte); toyworld/text.py's word-level one gives about 20.
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ from toyworld.palette import BACKGROUNDS, COLOURS, SHAPES
 
 MAX_PROMPT_BYTES = 120
 Kind = tuple[str, str]  # (colour, shape)
+# every word and mark the grammar writes (toyworld/text.py's tokenizer has one id for each; a test checks that
+# describe never writes another)
+VOCABULARY: tuple[str, ...] = (
+    "a", "an", "the", "and", ",", "on", "background", "empty", "leaves", "remains", "remain", "comes", "back", "to",
+    "joins", "appears", *COLOURS, *SHAPES, *BACKGROUNDS)
 
 _COLOUR = "|".join(COLOURS)
 _SHAPE = "|".join(SHAPES)

@@ -20,8 +20,8 @@ from toyworld.configs import (LATENT_SIZE, TEACHER, Artifacts, student_memory_co
 from toyworld.data import LatentDataset, window_starts
 from toyworld.palette import pixel_frames
 from toyworld.sampling import euler_sample, stream_sample, student_generator
-from toyworld.scripts import Script, training_script
-from toyworld.text import UNCONDITIONAL_PROMPTS, load_text_encoder, save_text_encoder
+from toyworld.scripts import Script, interactive_script, memory_script, training_script
+from toyworld.text import UNCONDITIONAL_PROMPTS, load_text_encoder, save_text_encoder, word_tokenizer
 from toyworld.train_flow import text_batch, train_bidirectional
 from toyworld.train_vae import train_vae
 from toyworld.world import render
@@ -41,14 +41,26 @@ def dataset():
     return LatentDataset(scripts, latents.half())
 
 
-def test_saved_text_encoder_is_the_tiny_seeded_one(text_dir):
-    prompt = "a red circle and a blue square on a grey background"
+def test_saved_text_encoder_is_the_tiny_seeded_one_with_one_token_per_word(text_dir):
+    prompt = "the red circle leaves, a blue square remains on a grey background"
     loaded = build_text_encoder(student_model_config(text_encoder_path=str(text_dir)))
-    fresh = build_text_encoder(student_model_config())
+    fresh = build_text_encoder(student_model_config(), tokenizer=word_tokenizer())
     a, mask = loaded.encode([prompt])
     b, _ = fresh.encode([prompt])
     assert a.shape == (1, 128, 32) and torch.equal(a, b)
-    assert int(mask.sum()) == len(prompt.encode()) + 1  # one byte per token plus EOS (ByT5)
+    assert int(mask.sum()) == len(prompt.replace(",", " ,").split()) + 1  # words and the comma, plus EOS
+    # a one-word change gives a different token there, not a nearly equal byte sequence
+    c, _ = loaded.encode([prompt.replace("red", "green")])
+    assert torch.cosine_similarity(a[0, 1], c[0, 1], dim=0) < 0.8
+
+
+@pytest.mark.parametrize("make", [training_script, interactive_script, memory_script])
+def test_the_word_tokenizer_knows_every_word_the_grammar_writes(make):
+    tok = word_tokenizer()
+    unk = tok.convert_tokens_to_ids("<unk>")
+    for seed in range(40):
+        for prompt in make(seed).prompts:
+            assert unk not in tok(prompt).input_ids, prompt
 
 
 def test_vae_stats_are_the_measured_latent_statistics(tmp_path):
@@ -162,7 +174,7 @@ def test_committed_artifacts_load_through_the_pipeline_paths():
 
 
 def test_toyworld_preset_is_the_trained_architecture(monkeypatch):
-    """configs/toyworld.yaml runs the models `make toyworld` trains: its sections are toyworld/configs.py's, its
+    """configs/tiny.yaml runs the models `make toyworld` trains: its sections are toyworld/configs.py's, its
     paths the committed artifacts (relative to the checkout, made absolute where the config is read)."""
     import dataclasses
     from pathlib import Path
@@ -171,7 +183,7 @@ def test_toyworld_preset_is_the_trained_architecture(monkeypatch):
 
     repo = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(repo)
-    cfg = load_config("configs/toyworld.yaml")
+    cfg = load_config("configs/tiny.yaml")
     artifacts = Artifacts()  # toyworld/weights/ of this checkout
     paths = dict(model_path=str(artifacts.causal_base), vae_path=str(artifacts.vae),
                  text_encoder_path=str(artifacts.text_encoder))
