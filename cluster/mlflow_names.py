@@ -31,8 +31,11 @@ METRIC_SLOT_REC = "loss/slot_rec"
 METRIC_FRAMES_PER_S = "frames_per_s"
 METRIC_POLICY_LAG = "policy_lag"
 METRIC_DATA_WAIT = "data_wait_s"
+# the toy world's judge (pipeline.judge), logged by loop/pipeline.py on each stage run, the sample run and the parent
+METRIC_JUDGE_ADHERENCE = "judge/adherence"
 KEY_METRICS = {"dmd": METRIC_DMD, "critic": METRIC_CRITIC, "slot_con": METRIC_SLOT_CON,
-               "slot_rec": METRIC_SLOT_REC, "frames_per_s": METRIC_FRAMES_PER_S, "policy_lag": METRIC_POLICY_LAG}
+               "slot_rec": METRIC_SLOT_REC, "frames_per_s": METRIC_FRAMES_PER_S, "policy_lag": METRIC_POLICY_LAG,
+               "adherence": METRIC_JUDGE_ADHERENCE}
 
 # Tags every run can carry, so runs of different experiments/stages/rounds compare in the UI.
 TAG_EXPERIMENT = "experiment"

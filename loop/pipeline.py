@@ -5,6 +5,9 @@
               (trainer/driver.py), each training on the newest committed rows the fleet keeps producing
     sample    an interactive 60 s video rendered by a rollout actor with the final policy, published under
               {storage.root}/{experiment}/samples/ and logged to MLflow
+    judge     pipeline.judge = toyworld: the same script rendered with the base policy and after every stage but
+              the last, each video judged by toyworld/judge.py (so is the sample); judge/* metrics per stage run
+              and on the parent run at step 0 (base), 1, ... (after each stage)
 
 pipeline.mode = continuous (default): the fleet commits small rounds in the background throughout, the trainer
 never trains on a row staler than pipeline.max_policy_lag generator updates or used more than
@@ -29,13 +32,14 @@ from cluster.control import STOPPED_LINE, Control
 from cluster.preflight import preflight
 from cluster.runtime import connect
 from cluster.storage import Storage, resolve_storage
-from cluster.mlflow_names import METRIC_FRAMES_PER_S, resolve_tracking_uri, stage_run_name
+from cluster.mlflow_names import METRIC_FRAMES_PER_S, METRIC_JUDGE_ADHERENCE, resolve_tracking_uri, stage_run_name
 from cluster.tracking import Tracker
 from slotmem.config import Config, check_weights
-from slotmem.errors import JobStopped
+from slotmem.errors import InputError, JobStopped
 from trainer.schedule import stage_steps
 
 STATE_FILE = "pipeline_state.json"
+JUDGE_KEYS = ("adherence", "per_segment", "identity_stability", "attribute_stability")
 # The built-in interactive sample: one entity through six prompts, switches at Appendix A.3's frames.
 SAMPLE_PROMPTS = [
     "a red fox walks through a snowy pine forest",
@@ -115,29 +119,100 @@ def sample_script(cfg: Config) -> tuple[list[str], list[int]]:
     return prompts, switches
 
 
-def _sample_phase(cfg: Config, storage: Storage, tracker: Tracker, state: PipelineState, fleet) -> dict:
+def check_judge(cfg: Config) -> None:
+    """pipeline.judge = toyworld reads the sample script's prompts with the toy grammar: fail before anything starts
+    when one is outside it (the built-in fox prompts are)."""
+    if cfg.pipeline.judge != "toyworld":
+        return
+    from toyworld.language import parse
+
+    for prompt in sample_script(cfg)[0]:
+        try:
+            parse(prompt)
+        except ValueError as e:
+            source = cfg.pipeline.sample_prompts or "the built-in sample prompts (pipeline.sample_prompts is '')"
+            raise InputError(f"pipeline.judge=toyworld: {source}: {e}") from None
+
+
+def _render(cfg: Config, storage: Storage, tracker: Tracker, fleet, name: str) -> tuple[dict, dict]:
+    """Render the sample script on a rollout actor with the newest policy, log its files to the active run and
+    judge them when pipeline.judge is set; returns (result for the pipeline state, metrics to log)."""
     import tempfile
     from pathlib import Path
 
+    prompts, switches = sample_script(cfg)
+    out = fleet.render(prompts=prompts, switch_frames=switches, num_frames=cfg.rollout.num_frames,
+                       seed=cfg.rollout.seed, name=name)
+    timings = out["meta"]["timings"]
+    metrics = {"sample/generated_pixel_frames_per_s": timings["generated_pixel_frames_per_s"],
+               "sample/generate_s": timings["generate_s"], "policy_version": out["policy_version"]}
+    result = {"video": out["uris"]["mp4"], "sidecar": out["uris"]["json"], "policy_version": out["policy_version"]}
+    with tempfile.TemporaryDirectory(prefix="slotmem-sample-") as d:
+        local = {}
+        for kind, uri in out["uris"].items():
+            local[kind] = Path(d) / Path(uri).name
+            storage.copy_to_local(uri.split("://", 1)[1], local[kind])
+            tracker.log_artifact(local[kind], "sample")
+        if cfg.pipeline.judge == "toyworld":
+            from toyworld.judge import judge_video
+
+            scores = judge_video(local["mp4"])
+            result["judge"] = {k: scores[k] for k in JUDGE_KEYS}
+            metrics[METRIC_JUDGE_ADHERENCE] = scores["adherence"]
+            metrics.update({f"judge/{k}": scores[k] for k in ("identity_stability", "attribute_stability")
+                            if scores[k] is not None})
+            metrics.update({f"judge/segment_{i}": v for i, v in enumerate(scores["per_segment"])})
+    return result, metrics
+
+
+def _judge_phase(cfg: Config, storage: Storage, tracker: Tracker, state: PipelineState, fleet, *, after: str,
+                 run_id: str | None, step: int) -> dict | None:
+    """The judge's reading of the policy before training (after='base') or after a stage: the sample script
+    rendered and judged, into that stage's MLflow run and, as judge/* at this step, the parent run."""
+    phase = f"judge_{after}"
+    if cfg.pipeline.judge == "none":
+        return None
+    if phase in state.done:
+        return state.done[phase]
+    if run_id:  # the stage's own run gets the video and every metric
+        with tracker.attach(run_id):
+            result, metrics = _render(cfg, storage, tracker, fleet, name=f"sample_{after}")
+            tracker.log_metrics(metrics)
+    else:  # before training: the parent run
+        result, metrics = _render(cfg, storage, tracker, fleet, name=f"sample_{after}")
+    _log_judged(tracker, state, after, result, metrics, step)
+    state.mark(storage, phase, result)
+    return result
+
+
+def _log_judged(tracker: Tracker, state: PipelineState, after: str, result: dict, metrics: dict, step: int) -> None:
+    if "judge" not in result:
+        return
+    tracker.log_metrics_to(state.parent_run_id, {k: v for k, v in metrics.items() if k.startswith("judge/")}, step)
+    j = result["judge"]
+    segments = " ".join(f"{v:.2f}" for v in j["per_segment"])
+    print(f"[pipeline] judge {after}: adherence {j['adherence']:.3f} (segments {segments}), policy "
+          f"v{result['policy_version']}")
+
+
+def _sample_phase(cfg: Config, storage: Storage, tracker: Tracker, state: PipelineState, fleet, step: int) -> dict:
     if "sample" in state.done:
         print("[pipeline] sample: already done, skipping")
         return state.done["sample"]
-    prompts, switches = sample_script(cfg)
     with tracker.child(stage_run_name(cfg.experiment, "sample"), resume=True,
                        tags=tracker.standard_tags(stage="sample")):
-        out = fleet.render(prompts=prompts, switch_frames=switches, num_frames=cfg.rollout.num_frames,
-                           seed=cfg.rollout.seed, name="sample")
-        timings = out["meta"]["timings"]
-        tracker.log_metrics({"sample/generated_pixel_frames_per_s": timings["generated_pixel_frames_per_s"],
-                             "sample/generate_s": timings["generate_s"], "policy_version": out["policy_version"]})
-        with tempfile.TemporaryDirectory(prefix="slotmem-sample-") as d:
-            for kind, uri in out["uris"].items():
-                local = Path(d) / Path(uri).name
-                storage.copy_to_local(uri.split("://", 1)[1], local)
-                tracker.log_artifact(local, "sample")
-    result = {"video": out["uris"]["mp4"], "sidecar": out["uris"]["json"], "policy_version": out["policy_version"]}
+        result, metrics = _render(cfg, storage, tracker, fleet, name="sample")
+        tracker.log_metrics(metrics)
+    _log_judged(tracker, state, "sample", result, metrics, step)
     state.mark(storage, "sample", result)
     return result
+
+
+def _judge_trail(state: PipelineState) -> str | None:
+    """'base 0.12 -> stage_0 0.12 -> ... -> sample 0.16' from the judged phases, in order."""
+    trail = [(name.removeprefix("judge_"), r["judge"]["adherence"]) for name, r in state.done.items()
+             if (name.startswith("judge_") or name == "sample") and "judge" in r]
+    return " -> ".join(f"{name} {value:.3f}" for name, value in trail) or None
 
 
 def run_pipeline(cfg: Config) -> dict:
@@ -145,6 +220,7 @@ def run_pipeline(cfg: Config) -> dict:
     from rollout.fleet import RolloutFleet
 
     check_weights(cfg, "pipeline")
+    check_judge(cfg)
     t0 = time.perf_counter()
     connect(cfg.cluster)
     storage = resolve_storage(cfg.storage)
@@ -170,19 +246,25 @@ def run_pipeline(cfg: Config) -> dict:
                                  system_metrics=tracker.system_metrics_target(rollout_run)).start()
             if cfg.pipeline.mode == "continuous":
                 fleet.start_continuous()
-            for stage in stages:
-                _stage_phase(cfg, storage, state, stage, parent, fleet, control)
+            _judge_phase(cfg, storage, tracker, state, fleet, after="base", run_id=None, step=0)
+            for k, stage in enumerate(stages):
+                res = _stage_phase(cfg, storage, state, stage, parent, fleet, control)
                 _check_stop(control, f"after stage {stage}")
+                if k < len(stages) - 1:  # after the last stage the sample is the judged video
+                    _judge_phase(cfg, storage, tracker, state, fleet, after=f"stage_{stage}",
+                                 run_id=res.get("mlflow_run_id"), step=k + 1)
             fleet.check()
             fleet.halt()  # training is over: no more rounds, so the totals logged are the rounds on storage
             _log_fleet(tracker, rollout_run, fleet)
-            sample = _sample_phase(cfg, storage, tracker, state, fleet) if cfg.pipeline.sample_video else None
+            sample = (_sample_phase(cfg, storage, tracker, state, fleet, step=len(stages))
+                      if cfg.pipeline.sample_video else None)
     finally:
         if fleet is not None:
             fleet.stop()
         control.close()
     return {"experiment": cfg.experiment, "storage": storage.uri(storage.path()), "tracking_uri": tracker.display_uri,
             "parent_run_id": parent, "phases": state.done, "sample_video": sample["video"] if sample else None,
+            "judge_adherence": _judge_trail(state),
             "fleet": {"rounds": fleet.stats.rounds, "trajectories": fleet.stats.trajectories},
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -225,6 +307,8 @@ def main(args, cfg: Config) -> int:
     print(f"  storage:       {summary['storage']}")
     if summary["sample_video"]:
         print(f"  sample video:  {summary['sample_video']}")
+    if summary["judge_adherence"]:
+        print(f"  judge:         adherence {summary['judge_adherence']}")
     print(f"  MLflow:        {summary['tracking_uri']} (parent run {summary['parent_run_id']})")
     if summary["tracking_uri"] and summary["tracking_uri"].startswith("sqlite:"):
         print(f"  open the UI:   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri "

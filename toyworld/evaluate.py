@@ -173,23 +173,6 @@ def eval_memory(artifacts: Artifacts, vae, text, n_scripts: int, samples: int, s
     return out
 
 
-def judge_video(path: Path) -> dict:
-    """The judge on a written video (a pipeline sample or `slotmem generate` output) against the prompts of the
-    json written beside it: per-segment adherence and their mean."""
-    import imageio.v3 as iio
-
-    from rollout.video import sidecar_path
-
-    meta_path = sidecar_path(path)
-    if not meta_path.is_file():
-        raise SystemExit(f"toyworld.evaluate --video: {meta_path} (the video's prompts and switch frames) is missing")
-    meta = json.loads(meta_path.read_text())
-    reports = judge.detect(iio.imread(path))  # [T, H, W, 3] uint8
-    segments = judge.segment_adherence(reports, meta["prompts"], meta["switch_frames"], meta["num_latent_frames"])
-    return {"video": str(path), "adherence": float(np.mean(segments)), "per_segment": segments,
-            "prompts": meta["prompts"]}
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m toyworld.evaluate", description=__doc__.splitlines()[0])
     ap.add_argument("--weights", default=str(Artifacts().root), help="directory of the trained artifacts")
@@ -201,7 +184,10 @@ def main(argv=None) -> None:
     ap.add_argument("--video", default=None, help="judge this video (with its .json) and exit")
     args = ap.parse_args(argv)
     if args.video:
-        print(json.dumps(judge_video(Path(args.video)), indent=2))
+        try:
+            print(json.dumps(judge.judge_video(args.video), indent=2))
+        except FileNotFoundError as e:
+            raise SystemExit(f"toyworld.evaluate --video: {e}") from None
         return
     torch.manual_seed(args.seed)
     artifacts = Artifacts(root=Path(args.weights))

@@ -24,12 +24,16 @@ Scores:
     majority shape) and attribute stability (same for the size, within each visible run).
   * ``return_matches``: for each scripted return, whether the size seen after the return equals the
     size of the entity's first appearance (both read from the video).
+  * ``judge_video``: a written video (a pipeline sample, `slotmem generate` output) against the prompts and
+    switch frames of the json beside it: adherence per segment and its mean, and consistency.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -318,3 +322,35 @@ def return_matches(reports: list[FrameReport], script: Script) -> list[dict]:
         out.append({"colour": colour, "frame": ev.frame, "first": first, "returned": back,
                     "match": None if first is None or back is None else first == back})
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# a written video
+# ----------------------------------------------------------------------------------------------
+
+
+def judge_frames(frames: np.ndarray, prompts: list[str], switch_frames: list[int], num_latent_frames: int) -> dict:
+    """The judge on decoded frames [T, H, W, 3] uint8 of an interactive video: adherence (mean over segments),
+    per segment, and the consistency scores."""
+    reports = detect(frames)
+    segments = segment_adherence(reports, prompts, switch_frames, num_latent_frames)
+    stable = consistency(reports)
+    return {"adherence": float(np.mean(segments)), "per_segment": segments,
+            "identity_stability": stable["identity_stability"], "attribute_stability": stable["attribute_stability"]}
+
+
+def judge_video(path: str | Path) -> dict:
+    """judge_frames on a written mp4 and the prompts / switch frames of its sidecar json."""
+    import imageio.v3 as iio
+
+    from rollout.video import sidecar_path
+
+    path = Path(path)
+    meta_path = sidecar_path(path)
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} (the prompts and switch frames of {path.name}) is missing")
+    meta = json.loads(meta_path.read_text())
+    for prompt in meta["prompts"]:
+        parse(prompt)  # a prompt outside the toy grammar is an error naming it, not a score of 0
+    result = judge_frames(iio.imread(path), meta["prompts"], meta["switch_frames"], meta["num_latent_frames"])
+    return {"video": str(path), **result, "prompts": meta["prompts"]}

@@ -68,9 +68,9 @@ class StageResult:
 
     def summary(self) -> str:
         recent = self.recent()
-        losses = ", ".join(f"{k}={v:.4g}" for k, v in recent.items()
-                           if k in ("critic", "dmd", "slot", "slot_con", "slot_feat", "slot_cosine",
-                                    "slot_mask_coverage"))
+        shown = ("critic", "dmd", "slot", "slot_con", "slot_feat", "slot_cosine", "slot_mask_coverage",
+                 *(("slot_rec",) if self.stage == 2 else ()))  # L_rec is in the objective of Stage II only
+        losses = ", ".join(f"{k}={v:.4g}" for k, v in recent.items() if k in shown)
         losses = f"last {min(len(self.history), SUMMARY_LAST) or 1} iterations' mean {losses}"
         if self.stopped:
             return (f"stage {self.stage}: stopped on request at iteration {self.steps}/{self.total_steps} after "

@@ -291,6 +291,7 @@ class StorageConfig:
         return self.root.startswith("s3://")
 
 
+PIPELINE_JUDGES = ("none", "toyworld")
 PIPELINE_MODES = ("continuous", "sequential")
 
 
@@ -315,9 +316,16 @@ class PipelineConfig:
     """End with an interactive 60 s sample video."""
     sample_prompts: str = ""
     """Interactive script of the sample video (JSONL, as `slotmem generate --prompts`); '' = built-in six prompts."""
+    judge: str = "none"
+    """'toyworld': render the sample script with the base policy and after every stage, judge each video with the
+    toy world's procedural judge (toyworld/judge.py) and log its adherence / consistency to MLflow per stage;
+    the sample prompts must be in the toy grammar. 'none': only the final sample, unjudged."""
 
     def __post_init__(self):
         check_choice("pipeline", "mode", self.mode, PIPELINE_MODES)
+        check_choice("pipeline", "judge", self.judge, PIPELINE_JUDGES)
+        if self.judge != "none" and not self.sample_video:
+            raise ConfigError("pipeline.judge judges the sample video: it needs pipeline.sample_video=true")
         check_int("pipeline", "max_policy_lag", self.max_policy_lag, lo=0)
         check_int("pipeline", "max_row_reuse", self.max_row_reuse, lo=1)
         check_int("pipeline", "rows_ahead", self.rows_ahead, lo=0)

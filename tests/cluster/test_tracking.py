@@ -277,11 +277,11 @@ def test_main_runs_prints_parents_children_and_key_metrics(tmp_path, capsys):
     lines = out.splitlines()
     header = next(line for line in lines if line.startswith("run"))
     assert header.split() == ["run", "id", "status", "stage", "round", "dmd", "critic", "slot_con", "slot_rec",
-                              "frames_per_s", "policy_lag"]
+                              "frames_per_s", "policy_lag", "adherence"]
     stage1 = next(line for line in lines if "exp-runs-stage1" in line).split()
     assert stage1[2:7] == ["FINISHED", "stage1", "-", "0.25", "0.5"]  # last values
     rollout = next(line for line in lines if "exp-runs-rollout-round0" in line).split()
-    assert rollout[3:5] == ["rollout", "0"] and rollout[-2:] == ["12.5", "0"]
+    assert rollout[3:5] == ["rollout", "0"] and rollout[-3:] == ["12.5", "0", "-"]
     assert "  exp-runs-stage1" in out and "1 parent run(s), 2 child run(s)" in out
 
     assert cli_main(["runs", *sum((["--set", o] for o in overrides), [])]) == 0

@@ -147,9 +147,11 @@ def test_vae_roundtrip_keeps_adherence():
 
 
 def test_a_written_video_is_judged_against_its_sidecar(tmp_path):
-    """toyworld.evaluate --video: the judge reads an mp4 as the pipeline writes it (H.264, the json beside it)."""
+    """judge_video (the pipeline's per-stage judge, toyworld.evaluate --video): the judge reads an mp4 as the
+    pipeline writes it (H.264, the json beside it); a prompt outside the grammar is an error naming it."""
     from rollout.video import write_mp4, write_sidecar
-    from toyworld.evaluate import judge_video, prefix
+    from toyworld.evaluate import prefix
+    from toyworld.judge import judge_video
 
     script = prefix(interactive_script(5), 2)
     video = write_mp4(tmp_path / "sample.mp4", render(script.world(5)))
@@ -160,3 +162,7 @@ def test_a_written_video_is_judged_against_its_sidecar(tmp_path):
     assert len(result["per_segment"]) == 2 and result["adherence"] > 0.9, result
     write_sidecar(video, {**meta, "prompts": list(prefix(interactive_script(6), 2).prompts)})
     assert judge_video(video)["adherence"] < result["adherence"] - 0.3
+    assert result["identity_stability"] > 0.9, result
+    write_sidecar(video, {**meta, "prompts": ["a cat on a mat", *meta["prompts"][1:]]})
+    with pytest.raises(ValueError, match="a cat on a mat"):
+        judge_video(video)
