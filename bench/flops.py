@@ -4,7 +4,7 @@
         [--kinds none,frame_bank,frame_bank+sma,slot] [--train-kind slot] [--backbones full,lora] [--no-train]
         [--direct] [--out bench/results/flops.json]
 
-At the 1.3B preset the whole run took 9 minutes on 2 shared CPU cores; `--config configs/tiny.yaml --no-train
+At the 1.3B preset the whole run took 9 minutes on 2 shared CPU cores; `--config configs/tiny-random-60s.yaml --no-train
 --kinds none,slot` is a ~25 CPU-second smoke run.
 
 Counted, not measured: the models are built on the meta device (shapes, no weights, no arithmetic) and every op

@@ -308,7 +308,7 @@ def print_table(result: dict) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=None, help="default: configs/wan2.1-1.3b.yaml (configs/tiny.yaml with --shrink)")
+    p.add_argument("--config", default=None, help="default: configs/wan2.1-1.3b.yaml (configs/tiny-random-60s.yaml with --shrink)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.add_argument("--shrink", action="store_true", help="small shape and few chunks (the default without CUDA)")
     p.add_argument("--budget-s", type=float, default=420.0, help="skip phases that would start after this")
@@ -324,7 +324,7 @@ def main(argv=None) -> int:
     shrink = args.shrink or not cuda
     if shrink and not args.shrink:
         print("gpu_bench: no CUDA device, running the shrunk CPU mode", flush=True)
-    config = args.config or str(REPO / "configs" / ("tiny.yaml" if shrink else "wan2.1-1.3b.yaml"))
+    config = args.config or str(REPO / "configs" / ("tiny-random-60s.yaml" if shrink else "wan2.1-1.3b.yaml"))
     cfg = load_config(config, args.overrides)
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32  # bf16 matmuls are slow on CPU (rollout/components.py)

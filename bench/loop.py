@@ -1,6 +1,6 @@
 """The old sequential loop vs the continuous one, side by side in one run, for the same number of updates.
 
-    python bench/loop.py [--config configs/tiny.yaml] [--set section.field=value ...] [--out bench/results/loop.json]
+    python bench/loop.py [--config configs/tiny-random-60s.yaml] [--set section.field=value ...] [--out bench/results/loop.json]
 
 Both runs are `slotmem pipeline` (loop/pipeline.py) on one local Ray cluster, each with its own experiment under a
 temporary storage root and a sqlite MLflow store, the sample video off:
@@ -74,7 +74,7 @@ def measure(cfg, summary: dict) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
+    parser.add_argument("--config", default=str(REPO / "configs" / "tiny-random-60s.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "loop.json"))
     args = parser.parse_args()

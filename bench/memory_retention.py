@@ -73,7 +73,7 @@ BASE = dict(slot_dim=32, num_slots_per_chunk=4, tokens_per_slot=16, bank_size=6,
 # and therefore reads its whole bank: it isolates eviction from retrieval.
 VARIANTS = [("slot_untrained", "slot", {}), ("slot", "slot", {}), ("slot_bank3", "slot", {"bank_size": 3}),
             ("frame_bank", "frame_bank", {}), ("none", "none", {})]
-# Stage 0 on the calibration streams: the tiny preset's rate and length (configs/tiny.yaml), the default
+# Stage 0 on the calibration streams: the tiny preset's rate and length (configs/tiny-random-60s.yaml), the default
 # reconstruction weight (these features have object structure; the demo's random backbone's have little)
 STAGE0 = TrainerConfig(stage0_steps=150, memory_lr=3e-3)
 

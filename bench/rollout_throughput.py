@@ -1,6 +1,6 @@
 """Streaming cost per chunk over a 60 s rollout, memory overhead, and rollout throughput with 1 vs 2 actors.
 
-    python bench/rollout_throughput.py [--config configs/tiny.yaml] [--set section.field=value ...]
+    python bench/rollout_throughput.py [--config configs/tiny-random-60s.yaml] [--set section.field=value ...]
         [--repeats 3] [--warmup-frames N] [--trajectories 8] [--part1-only] [--no-flops]
         [--out bench/results/rollout_throughput.json]
 
@@ -17,7 +17,7 @@ of them alike; per chunk the median over repeats is kept (after one warm-up run 
               time on a machine other jobs share (run with OMP_NUM_THREADS=1 so that it counts no spin-waiting).
 Next to the measured ratios, the FLOP ratios of the same shape and video (bench/flops.py, counted on the meta
 device): where the backbone dominates (configs/cpu-mid.yaml, the 1.3B model) time ratio ~ FLOP ratio; where memory
-bookkeeping dominates (configs/tiny.yaml) the time ratio is larger.
+bookkeeping dominates (configs/tiny-random-60s.yaml) the time ratio is larger.
 
 Part 2, on a local Ray cluster the script starts (``cluster.local_num_cpus`` logical CPUs): the same
 rollout round (``--trajectories`` trajectories, shards to a temporary directory) with 1 and then
@@ -187,7 +187,7 @@ def print_table(lat: dict, thr: dict | None, cfg: Config, flops: dict | None = N
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
+    p.add_argument("--config", default=str(REPO / "configs" / "tiny-random-60s.yaml"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.add_argument("--repeats", type=int, default=5, help="timed rollouts per memory kind (median per chunk)")
     p.add_argument("--warmup-frames", type=int, default=None,

@@ -1,6 +1,6 @@
 """Trainer steps/s and per-rank parameter + optimizer memory under ZeRO 1, 2 and 3, measured in one run.
 
-    python bench/train_throughput.py [--config configs/tiny.yaml] [--set section.field=value ...]
+    python bench/train_throughput.py [--config configs/tiny-random-60s.yaml] [--set section.field=value ...]
                                      [--workers 2] [--steps 10] [--out bench/results/train_throughput.json]
 
 One Ray Train job with ``--workers`` workers (gloo on CPU, NCCL on GPU). Each worker rolls out one
@@ -178,7 +178,7 @@ def summarize(data: dict) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
+    ap.add_argument("--config", default=str(REPO / "configs" / "tiny-random-60s.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per ZeRO stage")

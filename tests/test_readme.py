@@ -172,8 +172,13 @@ def _demo_console(text: str, checkout: Path) -> None:
     assert s0["slot_cosine"] < 0.5 and s0["slot_con"] < 0.5 * math.log(4) and s0["slot_mask_coverage"] >= 0.3, s0
     # Stages I/II's long-chain values vary run to run (Stage II cosine 0.03 and 0.52 in two runs): reported, and
     # the L_rec mask's bootstrap is what is held for them
-    rec = [float(v) for v in re.findall(r"\[train stage2\] .*slot_rec=([-\d.e]+)", demo)]
-    assert rec and max(rec) > 0, demo[-3000:]  # the L_rec mask is not empty in Stage II
+    assert stage(2)["slot_rec"] > 0, lines  # the L_rec mask is not empty in Stage II
+    # the judge (pipeline.judge = toyworld): one script and noise, rendered before training and after every stage.
+    # Measured: 0.289 -> 0.292 -> 0.301 -> 0.296; the untrained student scores 0.00, lr 1e-4 drove one update to 0.00
+    judged = {k: float(v) for k, v in re.findall(r"^\[pipeline\] judge (\w+): adherence ([\d.]+)", demo, re.M)}
+    assert list(judged) == ["base", "stage_0", "stage_1", "sample"], judged
+    assert judged["base"] > 0.2 and judged["sample"] > 0.2, judged  # the committed models draw the prompted scene
+    assert judged["sample"] > judged["base"] - 0.03, judged  # the DMD stages do not break the student
     assert "1 parent run(s), 5 child run(s)" in text  # `slotmem runs`: one tree
     assert re.search(r"policy v\[[1-9]", demo)  # the fleet picked up published policies
 

@@ -152,7 +152,7 @@ def test_chunk_is_four_denoising_forwards_and_one_commit():
 
 def test_extrapolated_depth_equals_counting_at_that_depth():
     """bench/flops.py counts at 1 and 2 blocks and extrapolates (exact: see its docstring); here at 3 blocks."""
-    cfg = load_config(REPO / "configs" / "tiny.yaml", ["model.num_layers=3", "teacher.num_layers=3"])
+    cfg = load_config(REPO / "configs" / "tiny-random-60s.yaml", ["model.num_layers=3", "teacher.num_layers=3"])
     direct = flops.count_video(cfg, "slot", num_frames=30, direct=True)["records"]
     extrapolated = flops.count_video(cfg, "slot", num_frames=30)["records"]
     assert direct == extrapolated
@@ -163,7 +163,7 @@ def test_extrapolated_depth_equals_counting_at_that_depth():
 def test_extrapolated_training_update_equals_counting_at_that_depth():
     """The same for the updates, with a teacher deeper than the generator (its phase extrapolates over its own
     depth) and gradient checkpointing (the recompute in the backward); a short trajectory keeps it fast."""
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
+    cfg = load_config(REPO / "configs" / "tiny-random-60s.yaml", [
         "model.num_layers=3", "teacher.num_layers=4", "trainer.gradient_checkpointing=true", "trainer.window_frames=6",
         "rollout.num_frames=12", "rollout.single_prompt_frames=6", "rollout.switch_frames=[6]",
         "rollout.switch_choices=[6]"])

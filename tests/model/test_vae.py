@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def tiny_cfg():
-    return load_config(REPO / "configs" / "tiny.yaml").model
+    return load_config(REPO / "configs" / "tiny-random-60s.yaml").model
 
 
 @pytest.fixture(scope="module")

@@ -168,7 +168,7 @@ def test_cli_config_error_is_one_line(repo_root, capsys):
 def test_relative_weight_paths_become_absolute_where_the_config_is_read(repo_root, tmp_path, monkeypatch):
     # Ray Train runs its workers in a trial directory: a path relative to the launch directory must not reach them
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(f"{repo_root}/configs/tiny.yaml",
+    cfg = load_config(f"{repo_root}/configs/tiny-random-60s.yaml",
                       ["model.vae_path=w/vae", "teacher.model_path=s3://bucket/teacher", "trainer.critic_path=/abs/c"])
     assert cfg.model.vae_path == str(tmp_path / "w" / "vae")
     assert cfg.teacher.model_path == "s3://bucket/teacher" and cfg.trainer.critic_path == "/abs/c"
