@@ -180,6 +180,8 @@ def _demo_console(text: str, checkout: Path) -> None:
     assert judged["base"] > 0.2 and judged["sample"] > 0.2, judged  # the committed models draw the prompted scene
     assert judged["sample"] > judged["base"] - 0.03, judged  # the DMD stages do not break the student
     assert "1 parent run(s), 5 child run(s)" in text  # `slotmem runs`: one tree
+    for child in ("stage0", "stage1", "sample"):  # ... whose runs carry the judge's adherence of their video
+        assert re.search(rf"^\s*slotmem-tiny-{child} .* 0\.\d+\s*$", text, re.M), text[-3000:]
     assert re.search(r"policy v\[[1-9]", demo)  # the fleet picked up published policies
 
 
