@@ -24,7 +24,7 @@ from rollout.prompts import load_training_prompts
 from slotmem.config import Config, ModelConfig
 from slotmem.errors import InputError
 from trainer.checkpoint import STATE_FILE, TrainerState, stage_final_dir, stage_final_record
-from trainer.metrics import stage_name
+from trainer.metrics import console_losses, stage_name
 from trainer.schedule import stage_steps, stage_updates, version_at_start
 
 FAULT_ENV = "SLOTMEM_TRAIN_FAULT_STEP"
@@ -68,8 +68,7 @@ class StageResult:
 
     def summary(self) -> str:
         recent = self.recent()
-        shown = ("critic", "dmd", "slot", "slot_con", "slot_feat", "slot_cosine", "slot_mask_coverage",
-                 *(("slot_rec",) if self.stage == 2 else ()))  # L_rec is in the objective of Stage II only
+        shown = ("slot", *console_losses(self.stage))
         losses = ", ".join(f"{k}={v:.4g}" for k, v in recent.items() if k in shown)
         losses = f"last {min(len(self.history), SUMMARY_LAST) or 1} iterations' mean {losses}"
         if self.stopped:

@@ -27,6 +27,13 @@ _NAMES = {"dmd": "loss/dmd", "critic": "loss/critic", "slot": "loss/slot", "slot
           "dmd_grad_norm": "dmd/grad_norm"}
 
 
+def console_losses(stage: int) -> tuple[str, ...]:
+    """The losses and slot health a stage shows on the console (short names, _NAMES' keys): L_rec is in the
+    objective of Stage II only, so only Stage II shows it."""
+    return ("critic", "dmd", "slot_con", *(("slot_rec",) if stage == 2 else ()), "slot_feat", "slot_cosine",
+            "slot_mask_coverage")
+
+
 def stage_name(stage: int) -> str:
     return f"stage{stage}"
 
@@ -99,8 +106,7 @@ class StepMetrics:
         due = time.perf_counter() - self.last_line > PROGRESS_EVERY_S
         if (step + 1) % interval == 0 or step + 1 == self.total or due:
             rate = (step + 1 - self.first_step) / max(time.perf_counter() - self.t_start, 1e-9)
-            shown = " ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in
-                             ("loss/critic", "loss/dmd", "loss/slot_con", "loss/slot_rec", "loss/slot_feat",
-                              "slot/cosine", "slot/mask_coverage") if k in metrics and (k != "loss/slot_rec" or self.stage == 2))
+            shown = " ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}"
+                             for k in (_NAMES[n] for n in console_losses(self.stage)) if k in metrics)
             self._print(f"step {step + 1}/{self.total} {shown} lag p50/p95={metrics['policy_lag/p50']:.3g}/"
                         f"{metrics['policy_lag/p95']:.3g} {rate:.2f} steps/s")
