@@ -27,11 +27,16 @@ from tests.servers import MlflowServer, RayProcessCluster
 
 pytestmark = pytest.mark.timeout(1500)
 
-SHORT = [  # 24-frame trajectories, one per round; 2 + 5 + 5 iterations
+# 24-frame trajectories, two per round; 2 + 5 + 5 iterations. Every row is trained on once (max_row_reuse=1) and the
+# fleet pauses while 2 fresh rows wait, so at the kill (Stage I starting) at most ~6 unused rows exist while Stages
+# I and II still need 12 (one per critic update, one per generator update): the loop cannot finish on the rows
+# committed before the kill, and the rounds after it must come from the surviving node. With rows reused up to 8
+# times the stages could finish on old rows alone (one CI run did: 4 rounds before the kill, 4 after).
+SHORT = [
     "rollout.num_frames=24", "rollout.switch_frames=[6,9,12,15,18]", "rollout.switch_choices=[12]",
     "rollout.trajectories_per_round=2", "rollout.stall_timeout_s=60", "trainer.stage0_steps=2",
     "trainer.stage1_steps=5", "trainer.stage2_steps=5", "trainer.checkpoint_every=5", "trainer.ema_start_step=0",
-    "trainer.publish_every=1", "pipeline.max_policy_lag=2", "pipeline.rows_ahead=4",
+    "trainer.publish_every=1", "pipeline.max_policy_lag=2", "pipeline.rows_ahead=2", "pipeline.max_row_reuse=1",
     "cluster.pin_node_types=true", "cluster.num_rollout_actors=2", "cluster.cpus_per_actor=1",
     "cluster.num_trainer_workers=1", "cluster.cpus_per_worker=1", "cluster.resource_wait_s=60",
 ]
