@@ -27,7 +27,6 @@ from trainer.checkpoint import STATE_FILE, TrainerState, stage_final_dir, stage_
 from trainer.metrics import console_losses, stage_name
 from trainer.schedule import stage_steps, stage_updates, version_at_start
 
-FAULT_ENV = "SLOTMEM_TRAIN_FAULT_STEP"
 SUMMARY_LAST = 10  # the stage summary line averages this many last iterations
 
 
@@ -180,8 +179,8 @@ def previous_ledger(storage: Storage, stage: int) -> dict[str, int]:
     return {}
 
 
-def run_stage(cfg: Config, stage: int, *, parent_run_id: str | None = None, fault_step: int | None = None,
-              demand=None, control=None, preflight_job: bool = True) -> StageResult:
+def run_stage(cfg: Config, stage: int, *, parent_run_id: str | None = None, demand=None, control=None,
+              preflight_job: bool = True) -> StageResult:
     """Train `stage` on the committed rollout rows (waiting for the fleet as needed); publish its versions.
 
     demand: the rollout fleet's back-pressure actor (rollout/fleet.py ReplayDemand), reported to by rank 0.
@@ -221,7 +220,6 @@ def run_stage(cfg: Config, stage: int, *, parent_run_id: str | None = None, faul
         "parent_run_id": parent_run_id,
         "run_name": run_name,
         "checkpoint_root_uri": f"{storage.uri(storage.checkpoints_dir())}/{run_name}",
-        "fault_step": fault_step,
         "demand": demand,
         "control": control,
     }
@@ -259,13 +257,12 @@ def main(args, cfg: Config) -> int:
     from cluster.runtime import connect
 
     check_weights(cfg, "train")
-    fault = os.environ.get(FAULT_ENV)
     connect(cfg.cluster)
     control = Control()
     control.install_signal_handlers()
     try:
         result = run_stage(cfg, args.stage, parent_run_id=os.environ.get(PARENT_RUN_ENV) or None,
-                           fault_step=int(fault) if fault else None, control=control.actor)
+                           control=control.actor)
     finally:
         control.close()
     print(result.summary())

@@ -12,8 +12,7 @@
               ledger for the next stage
 
 Rank 0 logs to MLflow: a child run of the pipeline's parent run (or a run of its own), resumed by id after a
-restart. Fault injection for tests only: ``loop_config["fault_step"]`` makes the workers raise at the start of that
-iteration unless the attempt resumed from a checkpoint.
+restart.
 """
 
 from __future__ import annotations
@@ -52,7 +51,6 @@ class StageWorker:
         self.stage = int(loop_config["stage"])
         self.run_name = loop_config["run_name"]
         self.checkpoint_root_uri = loop_config["checkpoint_root_uri"]
-        self.fault_step = loop_config.get("fault_step")
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.use_gpu = cfg.cluster.gpus_per_worker > 0
@@ -248,8 +246,6 @@ class StageWorker:
                                zero=self.cfg.trainer.zero_stage, device=str(self.device))
             every = self.cfg.trainer.checkpoint_every
             for step in range(self.state.step, self.total_steps):
-                if self.fault_step is not None and step == self.fault_step and not self.resumed:
-                    raise RuntimeError(f"fault injected at training step {step}")
                 plan = plan_step(self.stage, step, self.cfg.trainer)
                 version = plan.version - int(plan.train_generator)  # the policy these updates start from
                 t0 = time.perf_counter()
