@@ -174,11 +174,13 @@ def _demo_console(text: str, checkout: Path) -> None:
     # the L_rec mask's bootstrap is what is held for them
     assert stage(2)["slot_rec"] > 0, lines  # the L_rec mask is not empty in Stage II
     # the judge (pipeline.judge = toyworld): one script and noise, rendered before training and after every stage.
-    # Measured: 0.289 -> 0.292 -> 0.301 -> 0.296; the untrained student scores 0.00, lr 1e-4 drove one update to 0.00
+    # Measured: base 0.289 (the same in every run), sample 0.296, 0.293, 0.270, 0.267 in four runs (the toy teacher
+    # gives DMD little to distil, so the stages move it by run-to-run noise); the untrained student scores 0.00, and
+    # lr 1e-4 drove one update to 0.00: the bar below catches a step that breaks the student, not a subtle error
     judged = {k: float(v) for k, v in re.findall(r"^\[pipeline\] judge (\w+): adherence ([\d.]+)", demo, re.M)}
     assert list(judged) == ["base", "stage_0", "stage_1", "sample"], judged
     assert judged["base"] > 0.2 and judged["sample"] > 0.2, judged  # the committed models draw the prompted scene
-    assert judged["sample"] > judged["base"] - 0.03, judged  # the DMD stages do not break the student
+    assert judged["sample"] > judged["base"] - 0.05, judged  # the DMD stages do not break the student
     assert "1 parent run(s), 5 child run(s)" in text  # `slotmem runs`: one tree
     for child in ("stage0", "stage1", "sample"):  # ... whose runs carry the judge's adherence of their video
         assert re.search(rf"^\s*slotmem-tiny-{child} .* 0\.\d+\s*$", text, re.M), text[-3000:]
