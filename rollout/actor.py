@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.storage import Storage, fetch_weights, latest_policy_version
+from cluster.storage import Storage, fetch_weights, latest_policy_version, policy_meta
 from model.weights import load_state_dict_file
 from rollout.components import Components, build_components
 from rollout.shards import TrajectoryRow, write_shard
@@ -69,6 +69,7 @@ class RolloutActor:
         self.text_encoder = comps.text_encoder
         self.device = comps.device
         self.loaded_version: int | None = None  # None: the initial weights (policy_version 0)
+        self.loaded_sha256: str | None = None  # of the loaded version's file
         self.build_s = time.perf_counter() - t0
 
     @property
@@ -98,10 +99,19 @@ class RolloutActor:
     # -- weights ------------------------------------------------------------------------------
 
     def sync_weights(self) -> float:
-        """Load the newest published policy version if it is not the one loaded; returns seconds spent."""
+        """Load the newest published policy version if it is not the one loaded; returns seconds spent.
+
+        A version is known by its number and its sha256: a trainer attempt restarted from a checkpoint re-publishes
+        (supersedes) the versions its failed attempt published after that checkpoint, with other bytes."""
         t0 = time.perf_counter()
         latest = latest_policy_version(self.storage)
-        if latest is None or latest == self.loaded_version:
+        if latest is None:
+            return time.perf_counter() - t0
+        try:
+            sha = policy_meta(self.storage, latest)["sha256"]
+        except InputError:  # its marker is being replaced by a superseding publish: keep what is loaded for now
+            return time.perf_counter() - t0
+        if (latest, sha) == (self.loaded_version, self.loaded_sha256):
             return time.perf_counter() - t0
         # the file lives only while it is read: a killed actor (ray.kill runs no finalizers) leaves nothing behind
         with tempfile.TemporaryDirectory(prefix=f"slotmem-{self.actor_id}-weights-") as tmp:
@@ -112,7 +122,7 @@ class RolloutActor:
             raise InputError(f"published policy version {latest} ({where}) "
                              f"does not match the generator: {len(missing)} missing (e.g. {missing[:3]}), "
                              f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        self.loaded_version = latest
+        self.loaded_version, self.loaded_sha256 = latest, sha
         return time.perf_counter() - t0
 
     # -- sample videos -------------------------------------------------------------------------

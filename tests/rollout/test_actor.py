@@ -121,6 +121,22 @@ def test_actor_loads_newly_published_policy_between_trajectories(cfg, storage, t
     assert actor.loaded_version == 2
 
 
+def test_a_superseded_version_is_reloaded(cfg, storage):
+    """A trainer attempt restarted from a checkpoint re-publishes a version with other bytes (supersede): actors
+    that loaded the old bytes load the new ones, although the version number did not change."""
+    actor = make_actor(cfg, storage)
+
+    def run(i):
+        return read_shard(storage, actor.generate_trajectory(TrajectorySpec(0, i, PAIR, (21,), seed=99)))[0]
+
+    publish_weights(storage, 1, perturbed_state(cfg, seed=1))
+    old = run(0)
+    publish_weights(storage, 1, perturbed_state(cfg, seed=2), supersede=True)
+    new = run(1)
+    assert old.policy_version == new.policy_version == 1 and not torch.allclose(old.latents, new.latents)
+    assert torch.equal(run(2).latents, new.latents)  # loaded once: the same bytes stay loaded
+
+
 def test_policy_that_does_not_fit_the_generator_is_rejected(cfg, storage):
     actor = make_actor(cfg, storage)
     state = perturbed_state(cfg, seed=3)
