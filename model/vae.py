@@ -51,8 +51,8 @@ class VAE:
         self.frame_local_convs = use_frame_local_convs(model)
         use_fast_rms_norms(model)
         # stateless past latent frame 0: every temporal convolution of the decoder looks at the current frame only
-        decoder_taps = temporal_tap_convs(model.decoder)
-        self.stateless_decoder = bool(decoder_taps) and all(m in frame_local_convs(model.decoder) for m in decoder_taps)
+        taps = len(temporal_tap_convs(model.decoder))
+        self.stateless_decoder = taps > 0 and len(frame_local_convs(model.decoder)) == taps
         cfg = model.config
         self.z_dim = cfg.z_dim
         self.temporal_stride = 2 ** sum(bool(d) for d in cfg.temperal_downsample)
