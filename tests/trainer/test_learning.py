@@ -1,0 +1,96 @@
+"""DMD learns: the distilled student moves toward the teacher on the judge's adherence (issue 11, item 5).
+
+The toy world's committed models disagree, in a way the judge sees, on one prompt: the causal base draws "a red
+circle on a black background" on navy (adherence 0.00 on all 6 samples: a wrong background zeroes a frame), while
+the toy teacher, sampled as DMD scores it (40 Euler steps, CFG 3 against the negative prompt), draws it on black
+(0.77 and 0.85 on 2 samples). Stage I's engines (real DeepSpeed, ZeRO-2, one process) run the worker's update
+exactly -- ``generator_loss`` (self-rolled window, DMD teacher vs critic, + lambda_slot L_slot), backward, step,
+then ``critic_updates_per_generator`` critic updates -- on windows of that prompt at the start of a video.
+
+Measured on 2 CPU cores: after 8 generator updates the student's adherence is 0.43 (training seed 0) and 0.41
+(seed 7), after 16 0.51; every sample's background reads black (teacher 0.81 on its 2). With the generator loss's
+sign flipped, or multiplied by zero (a detached gradient), it stays at 0.00 after 8 updates (navy everywhere) and
+this test fails. The bars: <= 0.05 before, >= 0.25 after, teacher >= 0.5. About 45 s.
+
+Over the whole prompt distribution the same teacher moves the student far less (six prompts, 24 updates: 0.227 ->
+0.247, not monotone): it is not much better than the base on most prompts (0.386 vs 0.227). This prompt is where
+the gap is large; what the test guards is the direction and the reach of the update, not the teacher's quality.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.text import build_text_encoder
+from model.vae import build_vae
+from rollout.streaming import encode_prompts, generate
+from slotmem.config import load_config
+from toyworld import judge
+from toyworld.sampling import euler_sample
+from trainer.deepspeed_setup import ensure_single_process_group
+from trainer.engines import build_engines
+from trainer.objectives import critic_loss, generator_loss
+from trainer.window import TrajectoryWindow, draw_exit_steps
+
+pytestmark = pytest.mark.timeout(240)
+
+PROMPT = "a red circle on a black background"
+GENERATOR_UPDATES = 8
+SAMPLES = 6
+SEED = 100
+
+
+def adherence(vae, latents: torch.Tensor) -> list[float]:
+    """The judge's adherence of every decoded sample [B, F, C, h, w] to PROMPT (mean over its frames)."""
+    frames = vae.decode(latents).numpy()  # [B, T, H, W, 3] uint8
+    return [float(np.mean([judge.frame_adherence(r, PROMPT) for r in judge.detect(video)])) for video in frames]
+
+
+def test_dmd_moves_the_student_toward_the_teacher_on_the_judge(repo_root):
+    ensure_single_process_group("gloo")
+    cfg = load_config(f"{repo_root}/configs/tiny.yaml", [])
+    engines = build_engines(cfg, 1, world_size=1, device=torch.device("cpu"), use_bf16=False)
+    student = engines.generator.module
+    text = build_text_encoder(cfg.model, "cpu", torch.float32)
+    vae = build_vae(cfg.model)
+    prompts = encode_prompts(text, [PROMPT])
+    negative = text.encode([cfg.trainer.negative_prompt])[0]  # [1, Lt, D]
+    frames = cfg.trainer.window_frames
+
+    @torch.no_grad()
+    def student_adherence() -> list[float]:
+        result = generate(student.backbone, student.memory, engines.scheduler, cfg.model, prompts, num_frames=frames,
+                          switch_frames=[], seed=SEED, batch_size=SAMPLES, inspect_memory=False)
+        return adherence(vae, result.latents)
+
+    teacher = adherence(vae, euler_sample(engines.teacher, text.encode([PROMPT] * 2)[0], negative, seed=SEED,
+                                          guidance=cfg.trainer.guidance_scale))
+    before = student_adherence()
+    assert np.mean(teacher) >= 0.5, f"the toy teacher no longer draws the prompt: {teacher}"
+    assert max(before) <= 0.05, f"the causal base already draws the prompt, nothing to learn: {before}"
+
+    rng = torch.Generator().manual_seed(0)
+    window = TrajectoryWindow(latents=torch.zeros(frames, cfg.model.in_channels, cfg.model.latent_height,
+                                                  cfg.model.latent_width),
+                              text_embeddings=prompts.embeddings, switch_starts=[], start=0, num_frames=frames,
+                              context=0, policy_version=0)
+    common = dict(scheduler=engines.scheduler, model_cfg=cfg.model, trainer_cfg=cfg.trainer, first_frame=lambda x: x,
+                  generator_rng=rng, noise_rng=rng)
+    g, c = engines.generator, engines.critic
+    for it in range(GENERATOR_UPDATES * cfg.trainer.critic_updates_per_generator):
+        exits = draw_exit_steps(window.num_new // cfg.model.num_frame_per_block, len(cfg.model.denoising_steps), rng)
+        if it % cfg.trainer.critic_updates_per_generator == 0:  # the worker's order: generator first
+            loss, stats = generator_loss(window, generator=student, teacher=engines.teacher, critic=c.module,
+                                         negative_embedding=negative[0], stage=1, exit_steps=exits, **common)
+            assert np.isfinite(stats["dmd"])
+            g.backward(loss)
+            g.step()
+        loss, _ = critic_loss(window, generator=student, critic=c.module, exit_steps=exits, **common)
+        c.backward(loss)
+        c.step()
+    after = student_adherence()
+    assert np.mean(after) >= 0.25, (f"{GENERATOR_UPDATES} DMD updates did not move the student toward the teacher: "
+                                    f"adherence {np.mean(before):.2f} -> {np.mean(after):.2f} (teacher "
+                                    f"{np.mean(teacher):.2f}; measured 0.43)")
