@@ -15,8 +15,8 @@ from rollout.components import build_generator
 from rollout.streaming import StreamState
 from slotmem.config import build_section
 from toyworld import train_causal as tc
-from toyworld.configs import (LATENT_SIZE, TEACHER, Artifacts, student_memory_config, student_model_config,
-                              teacher_model_config, trained_model_config)
+from toyworld.configs import (LATENT_SIZE, TEACHER, VAE_Z_DIM, Artifacts, student_memory_config,
+                              student_model_config, teacher_model_config, trained_model_config)
 from toyworld.data import LatentDataset, window_starts
 from toyworld.palette import pixel_frames
 from toyworld.sampling import euler_sample, stream_sample, student_generator
@@ -37,7 +37,7 @@ def text_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset():
     scripts = [training_script(s) for s in range(3)]
-    latents = torch.randn(3, 2, 30, 16, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(3, 2, 30, VAE_Z_DIM, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(0))
     return LatentDataset(scripts, latents.half())
 
 
@@ -78,8 +78,8 @@ def test_vae_stats_are_the_measured_latent_statistics(tmp_path):
     vae = build_vae(student_model_config(vae_path=str(out)))
     normalised = vae.encode(torch.from_numpy(render(world, 0, pixel_frames(3)))[None])[0]  # [F, C, h, w]
     per_channel = normalised.transpose(0, 1).flatten(1)
-    assert torch.allclose(per_channel.mean(1), torch.zeros(16), atol=0.02)
-    assert torch.allclose(per_channel.std(1), torch.ones(16), atol=0.03)
+    assert torch.allclose(per_channel.mean(1), torch.zeros(VAE_Z_DIM), atol=0.02)
+    assert torch.allclose(per_channel.std(1), torch.ones(VAE_Z_DIM), atol=0.03)
     assert summary["latents_std"] == pytest.approx(list(model.config.latents_std))
 
 
@@ -97,7 +97,7 @@ def test_text_dropout_uses_the_unconditional_prompts(text_dir):
 
 def test_windows_are_labelled_by_the_prompt_that_describes_them(dataset):
     x0, prompts = dataset.clip_batch(np.random.default_rng(0), 6)
-    assert x0.shape == (6, 21, 16, LATENT_SIZE, LATENT_SIZE)
+    assert x0.shape == (6, 21, VAE_Z_DIM, LATENT_SIZE, LATENT_SIZE)
     for s, script in enumerate(dataset.scripts):
         starts = window_starts(script)
         for ev in script.events:  # no window starts while an earlier segment's event is still going on
@@ -131,12 +131,31 @@ def test_causal_training_streams_with_memory(monkeypatch, tmp_path, text_dir, da
     out = tmp_path / "causal.safetensors"
     backbone, summary = tc.train_causal(dataset, load_text_encoder(text_dir), init, out, passes=1, lr=1e-3,
                                         num_frames=24)
-    # items are read once they are out of the sink and the recent window (rollout/streaming.py read_memory)
-    assert len(reads) == 8 and not reads[0] and reads[-1] and sum(reads) >= 2
+    # the 60 s stream's 8 chunks: items are read once they are out of the sink and the recent window
+    # (rollout/streaming.py read_memory); then the short fresh streams, whose memory is still empty
+    long, cold = reads[:8], reads[8:]
+    assert not long[0] and long[-1] and sum(long) >= 2
+    assert len(cold) == tc.COLD_STARTS * tc.COLD_CHUNKS and not any(cold)
     trained = read_checkpoint(out)
     assert any(not torch.equal(trained[k].float(), init[k].half().float()) for k in init)
     gen = build_generator(student_model_config(), student_memory_config(), seed=tc.MEMORY_SEED)
     load_checkpoint(gen.backbone, out)
+
+
+def test_cold_starts_are_chunk_aligned_clips_under_one_prompt(text_dir, dataset):
+    text, cache, rng = load_text_encoder(text_dir), {}, np.random.default_rng(0)
+    chunk, length, frames = 3, tc.COLD_CHUNKS * 3, 24
+    seen = set()
+    for _ in range(30):
+        prompt, clip = tc.cold_start(dataset, text, cache, chunk, frames, rng)
+        s, start = next((s, a) for s in range(len(dataset.scripts)) for a in range(frames - length + 1)
+                        if torch.equal(dataset.latents[s, :, a:a + length].float(), clip))
+        k = next(k for k, (a, b) in enumerate(dataset.scripts[s].segments()) if a <= start < b)
+        assert start % chunk == 0 and start + length <= min(dataset.scripts[s].segments()[k][1], frames)
+        assert prompt.texts == [dataset.scripts[s].prompts[k]]
+        seen.add((s, start))
+    assert len(seen) > 5  # random cuts, not one clip
+    assert tc.cold_start(dataset, text, cache, chunk, length - 1, rng) is None  # no segment fits: no cold start
 
 
 def test_samplers_are_deterministic(text_dir):
@@ -144,13 +163,13 @@ def test_samplers_are_deterministic(text_dir):
     teacher = CausalWanModel(teacher_model_config()).eval()
     emb = text.encode(["a red circle on a grey background"])[0]
     a = euler_sample(teacher, emb, text.encode([""])[0], seed=1, frames=3, steps=3)
-    assert a.shape == (1, 3, 16, LATENT_SIZE, LATENT_SIZE)
+    assert a.shape == (1, 3, VAE_Z_DIM, LATENT_SIZE, LATENT_SIZE)
     assert torch.equal(a, euler_sample(teacher, emb, text.encode([""])[0], seed=1, frames=3, steps=3))
     script = Script(background="grey", kinds=(("red", "circle"),), initial=(0,), events=(),
                     prompts=("a red circle on a grey background",), switch_frames=(), num_frames=6)
     gen = student_generator(None)
     x = stream_sample(gen, text, script, seed=2, batch=2)
-    assert x.shape == (2, 6, 16, LATENT_SIZE, LATENT_SIZE)
+    assert x.shape == (2, 6, VAE_Z_DIM, LATENT_SIZE, LATENT_SIZE)
     assert torch.equal(x, stream_sample(gen, text, script, seed=2, batch=2))
 
 
@@ -159,7 +178,7 @@ def test_committed_artifacts_load_through_the_pipeline_paths():
     if not artifacts.causal_base.is_file():
         pytest.skip("no trained artifacts under toyworld/weights (run `make toyworld`)")
     cfg = trained_model_config(artifacts, model_path=str(artifacts.causal_base))
-    assert build_vae(cfg).z_dim == 16
+    assert build_vae(cfg).z_dim == VAE_Z_DIM
     assert build_text_encoder(cfg).text_dim == 32
     gen = build_generator(cfg, student_memory_config())
     critic = CausalWanModel(cfg)
