@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from slotmem.config.checks import check_choice, check_float, check_int
@@ -103,6 +104,7 @@ class ModelConfig:
                               f"must be divisible by model.patch_size {self.patch_size[1:]}")
         if self.patch_size[0] != 1:
             raise ConfigError(f"model.patch_size[0] must be 1 (one latent frame per token row), got {self.patch_size[0]}")
+        check_hidden_holds_token("model", self.dim, self)
         if self.local_attn_size % self.num_frame_per_block or self.sink_size % self.num_frame_per_block:
             raise ConfigError(f"model.local_attn_size ({self.local_attn_size}) and model.sink_size ({self.sink_size}) "
                               f"must be multiples of model.num_frame_per_block ({self.num_frame_per_block})")
@@ -127,9 +129,26 @@ class ModelConfig:
         return self.dim // self.num_heads
 
     @property
+    def token_size(self) -> int:
+        """Numbers in one patch token: in_channels * prod(patch_size) (Wan2.1: 16 * 2 * 2 = 64)."""
+        return self.in_channels * math.prod(self.patch_size)
+
+    @property
     def tokens_per_frame(self) -> int:
         """Tokens per latent frame after patching (1.3B at 480x832: 30*52 = 1560)."""
         return (self.latent_height // self.patch_size[1]) * (self.latent_width // self.patch_size[2])
+
+
+def check_hidden_holds_token(section: str, dim: int, model_cfg: ModelConfig) -> None:
+    """A backbone's hidden size must be at least its patch token's size. The head, Linear(dim, token), outputs flows
+    in a dim-dimensional subspace of a patch; the noise in the other directions is never removed by the sampler and
+    decodes as texture (the first toy world: 256-number tokens into 128/160 hidden, README "The toy world")."""
+    if dim < model_cfg.token_size:
+        raise ConfigError(
+            f"{section}.dim ({dim}) must be at least the patch token's size, model.in_channels x "
+            f"prod(model.patch_size) = {model_cfg.in_channels} x {math.prod(model_cfg.patch_size)} = "
+            f"{model_cfg.token_size}: the head can only output flows in a {dim}-dimensional subspace of a token, and "
+            "the noise outside it is never denoised (Wan2.1: 1536 >= 64)")
 
 
 def check_architecture(section: str, cfg) -> None:

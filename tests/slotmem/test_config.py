@@ -79,6 +79,9 @@ def test_config_is_frozen():
     ("model.local_attn_size=3", "must hold the sink"),
     ("model.latent_height=7", "must be divisible by model.patch_size"),
     ("model.patch_size=[2,2,2]", "model.patch_size[0] must be 1"),
+    ("model.in_channels=32", "model.dim (64) must be at least the patch token's size, model.in_channels x "
+                             "prod(model.patch_size) = 32 x 4 = 128"),
+    ("teacher.dim=32", "teacher.dim (32) must be at least the patch token's size"),
     ("model.context_noise=-1", "model.context_noise must be in [0, 999]"),
     ("model.warp_denoising_step=3", "model.warp_denoising_step must be true or false"),
     ("memory.kind=frames", "memory.kind must be one of ['slot', 'frame_bank', 'none']"),
