@@ -35,7 +35,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.vae import build_vae  # noqa: E402
-from model.weights import load_state_dict_file  # noqa: E402
 from toyworld import judge  # noqa: E402
 from toyworld.configs import Artifacts, trained_model_config  # noqa: E402
 from toyworld.evaluate import EVAL_SEED, prefix  # noqa: E402
@@ -58,11 +57,7 @@ def bootstrap_interval(values: list[float], seed: int = 0) -> tuple[float | None
 
 def run_kind(kind: str, artifacts: Artifacts, vae, text, scripts: int, samples: int, seed: int,
              policy: Path | None, segments: int | None = None) -> dict:
-    gen = student_generator(artifacts.causal_base, memory_kind=kind)
-    if policy is not None:
-        state = {k: v for k, v in load_state_dict_file(policy).items() if k.startswith("memory.")}
-        own = gen.state_dict()
-        gen.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
+    gen = student_generator(artifacts.causal_base, memory_kind=kind, policy=policy)
     matches, adherence, seconds, chunks = [], [], 0.0, 0
     for i in range(scripts):
         script = prefix(memory_script(EVAL_SEED + 200 + i), segments)

@@ -15,7 +15,7 @@ import torch
 
 from model.schedule import build_scheduler
 from model.wan import CausalWanModel
-from model.weights import load_checkpoint
+from model.weights import load_checkpoint, load_state_dict_file
 from rollout.components import build_generator
 from rollout.streaming import encode_prompts, generate
 from toyworld.configs import student_memory_config, student_model_config
@@ -54,11 +54,18 @@ def load_teacher(model_cfg, path) -> CausalWanModel:
     return model.eval()
 
 
-def student_generator(backbone_path=None, memory_kind: str = "slot"):
-    """The pipeline's Generator (memory modules at their seeded init) with the given backbone weights."""
+def student_generator(backbone_path=None, memory_kind: str = "slot", policy=None):
+    """The pipeline's Generator with the given backbone weights; its memory modules at their seeded init, or, with
+    ``policy`` (a published policy's .safetensors), that policy's memory tensors where they fit the kind (the
+    backbone stays the given one, so every memory kind runs on the same student)."""
     gen = build_generator(student_model_config(), student_memory_config(kind=memory_kind), seed=MEMORY_SEED)
     if backbone_path is not None:
         load_checkpoint(gen.backbone, backbone_path)
+    if policy is not None:
+        own = gen.state_dict()
+        state = {k: v for k, v in load_state_dict_file(policy).items()
+                 if k.startswith("memory.") and k in own and own[k].shape == v.shape}
+        gen.load_state_dict(state, strict=False)
     return gen.eval()
 
 
