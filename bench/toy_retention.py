@@ -33,7 +33,7 @@ from model.vae import build_vae
 from rollout.streaming import StreamState, chunk_switch_starts, encode_prompts
 from toyworld.configs import Artifacts, trained_model_config
 from toyworld.evaluate import EVAL_SEED, prefix
-from toyworld.palette import FRAME_SIZE, SIZES, VAE_TEMPORAL_STRIDE
+from toyworld.palette import FRAME_SIZE, SIZES, first_pixel_frame
 from toyworld.sampling import student_generator
 from toyworld.scripts import memory_script
 from toyworld.text import load_text_encoder
@@ -50,7 +50,7 @@ def token_labels(spec, trace, num_latent: int, grid: int) -> np.ndarray:
     cell = FRAME_SIZE // grid
     out = np.full((num_latent, grid * grid), -1, dtype=np.int64)
     for f in range(num_latent):
-        pixels = [0] if f == 0 else range(VAE_TEMPORAL_STRIDE * f - 3, VAE_TEMPORAL_STRIDE * f + 1)
+        pixels = range(first_pixel_frame(f), first_pixel_frame(f + 1))  # the pixel frames latent f encodes
         cover = np.zeros((len(spec.entities), grid, grid))
         for i, e in enumerate(spec.entities):
             for p in pixels:
@@ -63,10 +63,11 @@ def token_labels(spec, trace, num_latent: int, grid: int) -> np.ndarray:
 
 
 class KeyLog:
-    """Wraps memory.write: remembers which token (its label) every clean re-run key came from, per layer and head."""
+    """Wraps memory.write: remembers which token (its label) every clean re-run key came from, per layer and head.
+    ``labels`` holds the labels of the chunk about to be committed."""
 
     def __init__(self, memory):
-        self.memory, self.labels, self.lookup = memory, None, {}
+        self.labels, self.lookup = None, {}
         self._write = memory.write
         memory.write = self.write
 
@@ -105,14 +106,14 @@ def run_kind(kind: str, artifacts: Artifacts, text, data, policy: Path | None) -
     gen = student_generator(artifacts.causal_base, memory_kind=kind, policy=policy)
     cfg = gen.backbone.cfg
     chunk, tpf = cfg.num_frame_per_block, cfg.tokens_per_frame
+    log = KeyLog(gen.memory)  # gen is this run's own: its memory.write stays wrapped
     recall, events, entity_tokens, memory_tokens, per_read, seconds, chunks = [], 0, 0, 0, 0, 0.0, 0
     for script, latents, labels in data:
-        log = KeyLog(gen.memory)
         state = StreamState(gen.backbone, gen.memory, build_scheduler(cfg), cfg,
                             encode_prompts(text, list(script.prompts)), batch_size=1)
         switches = chunk_switch_starts(list(script.switch_frames), chunk)
-        chunk_of = lambda frame: -(-frame // chunk) * chunk  # noqa: E731  first chunk start at or after frame
-        returns = {ev.entity: chunk_of(ev.frame) for ev in script.events if ev.kind == "return"}
+        back = [ev for ev in script.events if ev.kind == "return"]
+        returns = dict(zip((ev.entity for ev in back), chunk_switch_starts([ev.frame for ev in back], chunk)))
         seen = set()  # entities on a token of a committed chunk after the sink
         for start in range(0, script.num_frames, chunk):
             t0 = time.perf_counter()
@@ -140,7 +141,6 @@ def run_kind(kind: str, artifacts: Artifacts, text, data, policy: Path | None) -
             chunks += 1
             if start >= cfg.sink_size:
                 seen |= {lab for lab in here if lab >= 0}
-        gen.memory.write = log._write
     return {"kind": kind, "policy": str(policy) if policy and kind == "slot" else None,
             "entity_recall": float(np.mean(recall)) if recall else None, "interval_95": list(bootstrap_interval(recall)),
             "returns": events,
