@@ -9,7 +9,9 @@ and the sizes cannot be read from the text -- only from the video itself.
 Windows for the bidirectional models (``clip_batch``) are CLIP_FRAMES latent frames labelled with the
 prompt of the segment holding their last frame (as the trainer labels a window after a switch),
 skipping windows that contain an earlier segment's event in progress (the label would not describe
-it). The cache file is keyed by the VAE weights' hash and the dataset sizes.
+it). The cache file is keyed by the VAE weights' hash, the dataset sizes and the world itself (the
+scripts and the first rendered frames of every video), so a changed palette, size, speed or script
+grammar re-encodes instead of silently training on the old world's latents.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from toyworld.world import EVENT_FRAMES, render
 
 NUM_SCRIPTS = 16
 VIDEOS_PER_SCRIPT = 3
+WORLD_HASH_FRAMES = 9  # pixel frames of every video hashed into the cache key (latent frames 0-2)
 
 
 def window_starts(script: Script, frames: int = CLIP_FRAMES) -> list[int]:
@@ -89,6 +92,17 @@ def _vae_hash(vae: VAE) -> str:
     return h.hexdigest()[:16]
 
 
+def _world_hash(scripts: list[Script], videos_per_script: int, seed_offset: int = 0) -> str:
+    """The world the cache holds: every script (prompts, events, switches) and the first WORLD_HASH_FRAMES
+    rendered frames of every video (palette, shapes, sizes, starting motion)."""
+    h = hashlib.sha256()
+    for s, script in enumerate(scripts):
+        h.update(repr(script).encode())
+        for v in range(videos_per_script):
+            h.update(render(script.world(seed_offset + s * videos_per_script + v), 0, WORLD_HASH_FRAMES).tobytes())
+    return h.hexdigest()[:16]
+
+
 @torch.no_grad()
 def encode_videos(vae: VAE, scripts: list[Script], videos_per_script: int, latent_frames: int | None = None,
                   seed_offset: int = 0, log=print) -> Tensor:
@@ -111,7 +125,8 @@ def load_or_build(vae: VAE, num_scripts: int = NUM_SCRIPTS, videos_per_script: i
     """The training dataset (scripts training_script(0..S-1)), from the cache when it matches."""
     scripts = [training_script(s) for s in range(num_scripts)]
     frames = latent_frames or scripts[0].num_frames
-    path = Path(cache_dir) / f"latents-{_vae_hash(vae)}-{num_scripts}x{videos_per_script}x{frames}.pt"
+    key = f"{_vae_hash(vae)}-{_world_hash(scripts, videos_per_script)}"
+    path = Path(cache_dir) / f"latents-{key}-{num_scripts}x{videos_per_script}x{frames}.pt"
     if path.is_file():
         latents = torch.load(path, weights_only=True)
         log(f"[data] {path.name}: {tuple(latents.shape)} from the cache")

@@ -210,3 +210,20 @@ def test_toyworld_preset_is_the_trained_architecture(monkeypatch):
     assert cfg.memory == student_memory_config()
     assert cfg.teacher == build_section("teacher", {**TEACHER, "model_path": str(artifacts.teacher)})
     assert cfg.trainer.critic_path == str(artifacts.critic_base)
+
+
+def test_latent_cache_is_keyed_by_the_world_it_encodes(monkeypatch, tmp_path):
+    """A changed world (here: the hidden sizes) must re-encode, not reuse the old world's cached latents."""
+    from toyworld import data as toy_data
+    from toyworld import world
+
+    vae = build_vae(trained_model_config(Artifacts()))
+    logs = []
+    first = toy_data.load_or_build(vae, 1, 1, 3, cache_dir=tmp_path, log=logs.append)
+    again = toy_data.load_or_build(vae, 1, 1, 3, cache_dir=tmp_path, log=logs.append)
+    assert "from the cache" in logs[-1] and torch.equal(first.latents, again.latents)
+    monkeypatch.setattr(world, "SIZES", {name: px + 6 for name, px in world.SIZES.items()})
+    changed = toy_data.load_or_build(vae, 1, 1, 3, cache_dir=tmp_path, log=logs.append)
+    assert "from the cache" not in logs[-1]
+    assert len(list(tmp_path.glob("latents-*.pt"))) == 2
+    assert not torch.equal(first.latents, changed.latents)
