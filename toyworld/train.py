@@ -13,7 +13,8 @@ unless --out is given), each deterministic in --seed:
 
 ``all`` runs them in order; a stage can be rerun alone. Every stage prints a progress line per N steps
 and a summary; training.json in the run directory records steps, losses and seconds per stage.
---quick shrinks every budget to a smoke run (seconds, useless weights) for tests and CI.
+--quick shrinks every budget to a smoke run (seconds, useless weights) for tests and CI; --budget KEY=N
+changes one budget (e.g. ``--budget teacher_steps=1400`` to measure a longer teacher into another --out).
 """
 
 from __future__ import annotations
@@ -106,6 +107,26 @@ def run(stages, artifacts: Artifacts, budget: dict, seed: int = 0, cache: Path |
     return summary
 
 
+def with_overrides(budget: dict, overrides: list[str]) -> dict:
+    """budget with KEY=N overrides applied; an unknown key or a value that is not a whole number is an error
+    naming it (data_frames also takes 'none': whole videos)."""
+    out = dict(budget)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in budget:
+            raise SystemExit(f"--budget {item!r}: expected KEY=N with KEY one of {', '.join(sorted(budget))}")
+        if key == "data_frames" and value.lower() == "none":
+            out[key] = None
+            continue
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise SystemExit(f"--budget {key}: {value!r} is not a whole number") from None
+        if out[key] < 1:
+            raise SystemExit(f"--budget {key}: must be >= 1, got {out[key]}")
+    return out
+
+
 def _group_readable(root: Path) -> None:
     """safetensors creates its files 0600 (diffusers' and transformers' save_pretrained included)."""
     for f in root.rglob("*"):
@@ -125,11 +146,14 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke-test budgets")
     ap.add_argument("--cache", default=None, help="latent cache directory (default toyworld/.cache)")
+    ap.add_argument("--budget", nargs="*", default=[], metavar="KEY=N",
+                    help=f"change a budget of the full (or --quick) run; keys: {', '.join(FULL)}")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(args.seed)
     stages = STAGES if "all" in args.stages else tuple(s for s in STAGES if s in args.stages)
-    run(stages, Artifacts(root=Path(args.out)), QUICK if args.quick else FULL, seed=args.seed,
+    budget = with_overrides(QUICK if args.quick else FULL, args.budget)
+    run(stages, Artifacts(root=Path(args.out)), budget, seed=args.seed,
         cache=Path(args.cache) if args.cache else None)
 
 

@@ -227,3 +227,33 @@ def test_latent_cache_is_keyed_by_the_world_it_encodes(monkeypatch, tmp_path):
     assert "from the cache" not in logs[-1]
     assert len(list(tmp_path.glob("latents-*.pt"))) == 2
     assert not torch.equal(first.latents, changed.latents)
+
+
+def test_make_toyworld_chain_runs_on_smoke_budgets_with_an_override(tmp_path, capsys):
+    """Every stage of `make toyworld` in order on --quick budgets, into a fresh run directory, with one budget
+    changed by --budget; the summary records what ran."""
+    from toyworld import train
+
+    out = tmp_path / "run"
+    train.main(["all", "--quick", "--out", str(out), "--cache", str(tmp_path / "cache"), "--budget", "teacher_steps=3"])
+    summary = json.loads((out / "training.json").read_text())
+    assert set(summary["stage_seconds"]) == set(train.STAGES)
+    assert summary["teacher"]["steps"] == 3 and summary["student"]["steps"] == train.QUICK["student_steps"]
+    artifacts = Artifacts(root=out)
+    for path in (artifacts.teacher, artifacts.critic_base, artifacts.causal_base, artifacts.vae / "config.json"):
+        assert path.is_file(), path
+    assert "[train] finished vae, vae_temporal, text, data, teacher, student, causal" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("item, message", [
+    ("teacher_step=3", "expected KEY=N with KEY one of"),
+    ("teacher_steps", "expected KEY=N"),
+    ("teacher_steps=many", "--budget teacher_steps: 'many' is not a whole number"),
+    ("causal_passes=0", "--budget causal_passes: must be >= 1"),
+])
+def test_budget_overrides_name_the_bad_key(item, message):
+    from toyworld.train import FULL, with_overrides
+
+    with pytest.raises(SystemExit, match=message):
+        with_overrides(FULL, [item])
+    assert with_overrides(FULL, ["data_frames=none", "teacher_steps=1400"]) == {**FULL, "teacher_steps": 1400}
