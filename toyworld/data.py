@@ -92,14 +92,19 @@ def _vae_hash(vae: VAE) -> str:
     return h.hexdigest()[:16]
 
 
+def _worlds(script: Script, s: int, videos_per_script: int, seed_offset: int):
+    """The worlds of script s's videos (world seed = seed_offset + s * V + v): what is encoded and what is hashed."""
+    return [script.world(seed_offset + s * videos_per_script + v) for v in range(videos_per_script)]
+
+
 def _world_hash(scripts: list[Script], videos_per_script: int, seed_offset: int = 0) -> str:
     """The world the cache holds: every script (prompts, events, switches) and the first WORLD_HASH_FRAMES
     rendered frames of every video (palette, shapes, sizes, starting motion)."""
     h = hashlib.sha256()
     for s, script in enumerate(scripts):
         h.update(repr(script).encode())
-        for v in range(videos_per_script):
-            h.update(render(script.world(seed_offset + s * videos_per_script + v), 0, WORLD_HASH_FRAMES).tobytes())
+        for world in _worlds(script, s, videos_per_script, seed_offset):
+            h.update(render(world, 0, WORLD_HASH_FRAMES).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -111,7 +116,7 @@ def encode_videos(vae: VAE, scripts: list[Script], videos_per_script: int, laten
     out = []
     t0 = time.time()
     for s, script in enumerate(scripts):
-        worlds = [script.world(seed_offset + s * videos_per_script + v) for v in range(videos_per_script)]
+        worlds = _worlds(script, s, videos_per_script, seed_offset)
         stop = pixel_frames(latent_frames) if latent_frames else None
         video = torch.from_numpy(np.stack([render(w, 0, stop) for w in worlds]))  # [V, T, H, W, 3]
         out.append(vae.encode(video).to(torch.float16))  # [V, F, C, h, w]
