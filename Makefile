@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python bench/loop.py
 	$(BIN)/python bench/flops.py
 	$(BIN)/python bench/entity_memory.py
+	$(BIN)/python bench/toy_teacher.py
 
 clean:
 	rm -rf $(VENV) runs

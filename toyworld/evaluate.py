@@ -109,7 +109,7 @@ def eval_judge(vae, n: int, segments: int | None = None) -> dict:
             "ground_truth_vae_roundtrip": _stats(truth_vae), "videos": "interactive_script(EVAL_SEED + i), 60 s"}
 
 
-def _teacher_windows(n: int):
+def teacher_windows(n: int):
     """n held-out (script, world, window start) triples."""
     out, i = [], 0
     rng = np.random.default_rng(EVAL_SEED + 1)
@@ -122,7 +122,7 @@ def _teacher_windows(n: int):
 
 
 def eval_teacher(teacher, vae, text, n: int, seed: int, batch: int = 4) -> dict:
-    windows = _teacher_windows(n)
+    windows = teacher_windows(n)
     uncond = text.encode([UNCONDITIONAL_PROMPTS[0]])[0]
     sampled, truth = [], []
     for b in range(0, n, batch):

@@ -29,18 +29,29 @@ GUIDANCE = 3.0  # trainer.guidance_scale
 
 @torch.no_grad()
 def euler_sample(model: CausalWanModel, text_emb: torch.Tensor, uncond_emb: torch.Tensor, *, seed: int,
-                 frames: int = CLIP_FRAMES, steps: int = TEACHER_STEPS, guidance: float = GUIDANCE) -> torch.Tensor:
-    """Latents [B, frames, C, h, w] for text embeddings [B, Lt, D] (uncond_emb [1, Lt, D])."""
+                 frames: int = CLIP_FRAMES, steps: int = TEACHER_STEPS, guidance: float = GUIDANCE,
+                 start: torch.Tensor | None = None, start_sigma: float = 1.0) -> torch.Tensor:
+    """Latents [B, frames, C, h, w] for text embeddings [B, Lt, D] (uncond_emb [1, Lt, D]).
+
+    With ``start`` (clean latents [B, frames, C, h, w]) the ODE starts from them noised to ``start_sigma`` and
+    runs the schedule's steps below it (SDEdit): how well the model refines a layout it is given, apart from
+    drawing one from pure noise."""
     cfg = model.cfg
     scheduler = build_scheduler(cfg)
     batch = text_emb.shape[0]
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((batch, frames, cfg.in_channels, cfg.latent_height, cfg.latent_width), generator=gen)
     t = scheduler.shift_timestep(torch.linspace(cfg.num_train_timesteps, 0, steps + 1))  # [steps + 1]
+    if start is not None:
+        if not 0 < start_sigma <= 1:
+            raise ValueError(f"start_sigma must be in (0, 1], got {start_sigma}")
+        t_start = start_sigma * cfg.num_train_timesteps  # sigma = t / T (model/schedule.py)
+        t = torch.cat([torch.tensor([t_start]), t[t < t_start]])
+        x = scheduler.add_noise(start.float(), x, t_start)
     sigma = scheduler.sigma(t).float()
     cond = model.encode_text(text_emb)
     uncond = model.encode_text(uncond_emb.expand(batch, -1, -1))
-    for i in range(steps):
+    for i in range(len(t) - 1):
         tt = t[i].expand(batch, frames)
         flow_c = model(x, tt, cond, start_frame=0, causal=False)
         flow_u = model(x, tt, uncond, start_frame=0, causal=False) if guidance else flow_c
