@@ -1,10 +1,11 @@
 """Latent training data for the backbones: 60 s toy-world videos rendered, encoded by the trained VAE
 once, and cached under toyworld/.cache/ (git-ignored).
 
-The dataset is NUM_SCRIPTS training scripts x VIDEOS_PER_SCRIPT videos: the videos of one script share
-its prompts, events and switch frames but differ in motion and hidden sizes, so a streaming batch of
-them can share one prompt schedule (rollout/streaming.py's StreamState encodes one script per batch)
-and the sizes cannot be read from the text -- only from the video itself.
+The dataset is num_scripts training scripts x videos_per_script videos (the run's budget sets both,
+toyworld/train.py FULL: 12 x 2): the videos of one script share its prompts, events and switch frames
+but differ in motion and hidden sizes, so a streaming batch of them can share one prompt schedule
+(rollout/streaming.py's StreamState encodes one script per batch) and the sizes cannot be read from
+the text -- only from the video itself.
 
 Windows for the bidirectional models (``clip_batch``) are CLIP_FRAMES latent frames labelled with the
 prompt of the segment holding their last frame (as the trainer labels a window after a switch),
@@ -31,8 +32,6 @@ from toyworld.palette import CLIP_FRAMES, pixel_frames
 from toyworld.scripts import Script, training_script
 from toyworld.world import EVENT_FRAMES, render
 
-NUM_SCRIPTS = 16
-VIDEOS_PER_SCRIPT = 3
 WORLD_HASH_FRAMES = 9  # pixel frames of every video hashed into the cache key (latent frames 0-2)
 
 
@@ -125,7 +124,7 @@ def encode_videos(vae: VAE, scripts: list[Script], videos_per_script: int, laten
     return torch.stack(out)
 
 
-def load_or_build(vae: VAE, num_scripts: int = NUM_SCRIPTS, videos_per_script: int = VIDEOS_PER_SCRIPT,
+def load_or_build(vae: VAE, num_scripts: int, videos_per_script: int,
                   latent_frames: int | None = None, cache_dir: Path = CACHE, log=print) -> LatentDataset:
     """The training dataset (scripts training_script(0..S-1)), from the cache when it matches."""
     scripts = [training_script(s) for s in range(num_scripts)]
