@@ -35,12 +35,11 @@ from model.vae import build_vae  # noqa: E402
 from toyworld import judge  # noqa: E402
 from toyworld.configs import Artifacts, teacher_model_config, trained_model_config  # noqa: E402
 from toyworld.data import window_prompt  # noqa: E402
-from toyworld.evaluate import teacher_windows  # noqa: E402
+from toyworld.evaluate import teacher_windows, window_clip  # noqa: E402
 from toyworld.language import parse  # noqa: E402
-from toyworld.palette import CLIP_FRAMES, first_pixel_frame, pixel_frames  # noqa: E402
+from toyworld.palette import CLIP_FRAMES  # noqa: E402
 from toyworld.sampling import euler_sample, load_teacher  # noqa: E402
 from toyworld.text import UNCONDITIONAL_PROMPTS, load_text_encoder  # noqa: E402
-from toyworld.world import render  # noqa: E402
 
 
 def read_clip(frames: np.ndarray, prompt: str) -> dict:
@@ -87,32 +86,31 @@ def main(argv=None) -> dict:
     uncond = text.encode([UNCONDITIONAL_PROMPTS[0]])[0]
 
     windows = teacher_windows(args.clips)
-    groups = []  # (prompts, ground-truth clips [B, T, H, W, 3], their latents [B, F, C, h, w])
+    groups = []  # (prompts, ground-truth latents [B, F, C, h, w])
     for b in range(0, len(windows), args.batch):
         group = windows[b:b + args.batch]
-        clips = np.stack([render(world, first_pixel_frame(a), first_pixel_frame(a) + pixel_frames(CLIP_FRAMES))
-                          for _, world, a in group])
-        groups.append(([window_prompt(script, a) for script, _, a in group], clips, vae.encode(torch.from_numpy(clips))))
-    truth = [read_clip(frames, p) for prompts, _, latents in groups
+        clips = np.stack([window_clip(world, a) for _, world, a in group])  # [B, T, H, W, 3]
+        groups.append(([window_prompt(script, a) for script, _, a in group], vae.encode(torch.from_numpy(clips))))
+    truth = [read_clip(frames, p) for prompts, latents in groups
              for frames, p in zip(vae.decode(latents).numpy(), prompts)]
-    rows, t0 = {}, time.time()
+    rows, t0 = [], time.time()
     for strength in args.strengths:
         for g in args.guidance:
             cells = []
-            for i, (prompts, _, latents) in enumerate(groups):
+            for i, (prompts, latents) in enumerate(groups):
                 sample = euler_sample(teacher, text.encode(prompts)[0], uncond, seed=args.seed + i, steps=args.steps,
                                       guidance=g, start=latents, start_sigma=strength)
                 cells += [read_clip(frames, p) for frames, p in zip(vae.decode(sample).numpy(), prompts)]
-            rows[f"{strength:g}/{g:g}"] = {"strength": strength, "guidance": g, **_mean(cells)}
-            print(f"[toy-teacher] strength {strength:g} CFG {g:g}: adherence {rows[f'{strength:g}/{g:g}']['adherence']:.3f} "
+            rows.append({"strength": strength, "guidance": g, **_mean(cells)})
+            print(f"[toy-teacher] strength {strength:g} CFG {g:g}: adherence {rows[-1]['adherence']:.3f} "
                   f"({time.time() - t0:.0f}s)", flush=True)
 
     print(f"\n{len(windows)} held-out windows; ground truth through the VAE: " + _line(_mean(truth)))
     print(f"{'strength':>8} {'CFG':>4} {'adherence':>9} {'present':>8} {'spurious':>8}")
-    for r in rows.values():
+    for r in rows:
         present = "-" if r["present"] is None else f"{r['present']:.2f}"
         print(f"{r['strength']:>8g} {r['guidance']:>4g} {r['adherence']:>9.3f} {present:>8} {r['spurious']:>8.2f}")
-    result = {"rows": list(rows.values()), "ground_truth_vae_roundtrip": _mean(truth), "clips": len(windows),
+    result = {"rows": rows, "ground_truth_vae_roundtrip": _mean(truth), "clips": len(windows),
               "steps": args.steps, "seed": args.seed, "weights": str(artifacts.root)}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -121,6 +121,12 @@ def teacher_windows(n: int):
     return out
 
 
+def window_clip(world, start: int) -> np.ndarray:
+    """The rendered pixel frames [T, H, W, 3] of the CLIP_FRAMES-latent-frame window starting at latent frame start."""
+    p0 = first_pixel_frame(start)
+    return render(world, p0, p0 + pixel_frames(CLIP_FRAMES))
+
+
 def eval_teacher(teacher, vae, text, n: int, seed: int, batch: int = 4) -> dict:
     windows = teacher_windows(n)
     uncond = text.encode([UNCONDITIONAL_PROMPTS[0]])[0]
@@ -132,8 +138,7 @@ def eval_teacher(teacher, vae, text, n: int, seed: int, batch: int = 4) -> dict:
         for frames, prompt in zip(_decode(vae, latents), prompts):
             sampled.append(np.mean(judge.segment_adherence(judge.detect(frames), [prompt], [], CLIP_FRAMES)))
         for (script, world, a), prompt in zip(group, prompts):
-            p0 = first_pixel_frame(a)
-            clip = render(world, p0, p0 + pixel_frames(CLIP_FRAMES))
+            clip = window_clip(world, a)
             truth.append(np.mean(judge.segment_adherence(judge.detect(_roundtrip(vae, clip)), [prompt], [],
                                                          CLIP_FRAMES)))
     return {"teacher_samples": _stats(sampled), "ground_truth_vae_roundtrip": _stats(truth),

@@ -17,11 +17,9 @@ import toy_teacher  # noqa: E402
 from model.wan import CausalWanModel  # noqa: E402
 from toyworld.configs import Artifacts, teacher_model_config  # noqa: E402
 from toyworld.data import window_prompt  # noqa: E402
-from toyworld.evaluate import teacher_windows  # noqa: E402
+from toyworld.evaluate import teacher_windows, window_clip  # noqa: E402
 from toyworld.language import parse  # noqa: E402
-from toyworld.palette import CLIP_FRAMES, first_pixel_frame, pixel_frames  # noqa: E402
 from toyworld.sampling import euler_sample  # noqa: E402
-from toyworld.world import render  # noqa: E402
 
 FRAMES = 3
 
@@ -57,7 +55,7 @@ def test_a_small_strength_only_refines_the_start():
 
 def test_read_clip_on_ground_truth_and_on_a_wrong_prompt():
     script, world, a = teacher_windows(2)[1]  # "a green square joins the blue square on the black background"
-    clip = render(world, first_pixel_frame(a), first_pixel_frame(a) + pixel_frames(CLIP_FRAMES))
+    clip = window_clip(world, a)
     prompt = window_prompt(script, a)
     right = toy_teacher.read_clip(clip, prompt)
     assert right == {"adherence": 1.0, "present": 1.0, "spurious": 0.0}
