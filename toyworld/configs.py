@@ -7,6 +7,7 @@ committed artifacts under toyworld/weights/ (a few MB, float16 safetensors + jso
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,15 @@ def student_memory_config(**changes):
 def teacher_model_config(**changes):
     """The backbone config with the teacher's architecture (TeacherConfig.model_config)."""
     return build_section("teacher", dict(TEACHER)).model_config(student_model_config(**changes))
+
+
+def trained_teacher_config(artifacts: Artifacts = Artifacts(), **changes):
+    """The backbone config of the teacher a run trained (its architecture from the run's teacher.json)."""
+    if not artifacts.teacher_json.is_file():
+        raise FileNotFoundError(f"{artifacts.teacher_json}: the teacher's architecture (written by the teacher stage "
+                                "of `python -m toyworld.train`) is missing")
+    arch = json.loads(artifacts.teacher_json.read_text())
+    return build_section("teacher", arch).model_config(student_model_config(**changes))
 
 
 def trained_model_config(artifacts: Artifacts = Artifacts(), **changes):

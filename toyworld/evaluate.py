@@ -30,7 +30,7 @@ import torch
 
 from model.vae import build_vae
 from toyworld import judge
-from toyworld.configs import Artifacts, teacher_model_config, trained_model_config
+from toyworld.configs import Artifacts, trained_model_config, trained_teacher_config
 from toyworld.data import window_prompt, window_starts
 from toyworld.palette import CLIP_FRAMES, first_pixel_frame, pixel_frames
 from toyworld.sampling import euler_sample, load_teacher, stream_sample, student_generator
@@ -213,7 +213,7 @@ def main(argv=None) -> None:
     if "judge" in args.only:
         metrics["judge"] = eval_judge(vae, n["judge"], n["segments"])
     if "teacher" in args.only:
-        teacher = load_teacher(teacher_model_config(), artifacts.teacher)
+        teacher = load_teacher(trained_teacher_config(artifacts), artifacts.teacher)
         metrics["teacher"] = eval_teacher(teacher, vae, text, n["teacher"], seed=args.seed)
     if "student" in args.only:
         metrics["student"] = {

@@ -19,7 +19,7 @@ import yaml
 
 from slotmem.config.jobs import (ClusterConfig, PipelineConfig, RolloutConfig, StorageConfig, TrackingConfig,
                                  TrainerConfig)
-from slotmem.config.model import MemoryConfig, ModelConfig, TeacherConfig, check_hidden_holds_token
+from slotmem.config.model import MemoryConfig, ModelConfig, TeacherConfig
 from slotmem.errors import ConfigError
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,7 +36,7 @@ class Config:
 
     def __post_init__(self):
         # Cross-section checks.
-        check_hidden_holds_token("teacher", self.teacher.dim, self.model)
+        self.teacher.check_fits(self.model)
         if self.trainer.window_frames % self.model.num_frame_per_block:
             raise ConfigError(f"trainer.window_frames ({self.trainer.window_frames}) must be a multiple of "
                               f"model.num_frame_per_block ({self.model.num_frame_per_block})")

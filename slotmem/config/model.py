@@ -104,7 +104,7 @@ class ModelConfig:
                               f"must be divisible by model.patch_size {self.patch_size[1:]}")
         if self.patch_size[0] != 1:
             raise ConfigError(f"model.patch_size[0] must be 1 (one latent frame per token row), got {self.patch_size[0]}")
-        check_hidden_holds_token("model", self.dim, self)
+        check_hidden_holds_token("model", self.dim, self.in_channels, self.patch_size)
         if self.local_attn_size % self.num_frame_per_block or self.sink_size % self.num_frame_per_block:
             raise ConfigError(f"model.local_attn_size ({self.local_attn_size}) and model.sink_size ({self.sink_size}) "
                               f"must be multiples of model.num_frame_per_block ({self.num_frame_per_block})")
@@ -139,15 +139,17 @@ class ModelConfig:
         return (self.latent_height // self.patch_size[1]) * (self.latent_width // self.patch_size[2])
 
 
-def check_hidden_holds_token(section: str, dim: int, model_cfg: ModelConfig) -> None:
+def check_hidden_holds_token(section: str, dim: int, in_channels: int, patch_size: tuple[int, ...],
+                             patch_field: str = "model.patch_size") -> None:
     """A backbone's hidden size must be at least its patch token's size. The head, Linear(dim, token), outputs flows
     in a dim-dimensional subspace of a patch; the noise in the other directions is never removed by the sampler and
     decodes as texture (the first toy world: 256-number tokens into 128/160 hidden, README "The toy world")."""
-    if dim < model_cfg.token_size:
+    token = in_channels * math.prod(patch_size)
+    if dim < token:
         raise ConfigError(
             f"{section}.dim ({dim}) must be at least the patch token's size, model.in_channels x "
-            f"prod(model.patch_size) = {model_cfg.in_channels} x {math.prod(model_cfg.patch_size)} = "
-            f"{model_cfg.token_size}: the head can only output flows in a {dim}-dimensional subspace of a token, and "
+            f"prod({patch_field}) = {in_channels} x {math.prod(patch_size)} = "
+            f"{token}: the head can only output flows in a {dim}-dimensional subspace of a token, and "
             "the noise outside it is never denoised (Wan2.1: 1536 >= 64)")
 
 
@@ -165,7 +167,8 @@ def check_architecture(section: str, cfg) -> None:
 @dataclass(frozen=True, kw_only=True)
 class TeacherConfig:
     """The frozen real score of DMD: its own architecture and weights (Self-Forcing / LongLive / MemFlow use
-    Wan2.1-T2V-14B). Text, latent, patch and schedule fields are the backbone's (model section)."""
+    Wan2.1-T2V-14B). Text, latent and schedule fields are the backbone's (model section); the patch is the
+    backbone's unless patch_size says otherwise."""
 
     name: str = "wan2.1-t2v-14b"
     """Informational."""
@@ -179,6 +182,10 @@ class TeacherConfig:
     """Wan2.1-T2V-14B: feed-forward 13824."""
     freq_dim: int = 256
     """Sinusoidal timestep embedding size (Wan: 256)."""
+    patch_size: tuple[int, ...] = ()
+    """The teacher's (t, h, w) patch; () = the backbone's (Wan2.1 14B and 1.3B share (1, 2, 2)). The teacher sees
+    the same latents as the student, so only its token grid differs: the toy world's teacher draws (1, 2, 2) on the
+    16x16 latent while the student streams (1, 4, 4) (README "The toy world")."""
     model_path: str = ""
     """Local weights of the teacher (file or directory, Wan or diffusers layout); '' = derive the teacher from the
     generator's initial backbone (only with model.allow_random_weights, and then the teacher must have the
@@ -189,12 +196,25 @@ class TeacherConfig:
         for name in ("num_layers", "dim", "num_heads", "ffn_dim", "freq_dim"):
             check_int(s, name, getattr(self, name), lo=1)
         check_architecture(s, self)
+        if self.patch_size and (len(self.patch_size) != 3 or self.patch_size[0] != 1
+                                or any(not isinstance(p, int) or p < 1 for p in self.patch_size)):
+            raise ConfigError(f"teacher.patch_size must be [] (the backbone's) or three positive integers starting "
+                              f"with 1, got {list(self.patch_size)!r}")
 
     def model_config(self, model_cfg: ModelConfig) -> ModelConfig:
-        """The backbone config with the teacher's architecture and weights path."""
+        """The backbone config with the teacher's architecture, patch and weights path."""
         return dataclasses.replace(model_cfg, name=self.name, num_layers=self.num_layers, dim=self.dim,
                                    num_heads=self.num_heads, ffn_dim=self.ffn_dim, freq_dim=self.freq_dim,
-                                   model_path=self.model_path)
+                                   patch_size=self.patch_size or model_cfg.patch_size, model_path=self.model_path)
+
+    def check_fits(self, model_cfg: ModelConfig) -> None:
+        """The teacher's patch tiles the backbone's latent grid and its token fits its hidden size."""
+        patch = self.patch_size or model_cfg.patch_size
+        if model_cfg.latent_height % patch[1] or model_cfg.latent_width % patch[2]:
+            raise ConfigError(f"teacher.patch_size {list(patch)} must divide the latent grid model.latent_height x "
+                              f"model.latent_width = {model_cfg.latent_height} x {model_cfg.latent_width}")
+        check_hidden_holds_token("teacher", self.dim, model_cfg.in_channels, patch,
+                                 "teacher.patch_size" if self.patch_size else "model.patch_size")
 
 
 @dataclass(frozen=True, kw_only=True)

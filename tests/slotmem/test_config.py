@@ -82,6 +82,10 @@ def test_config_is_frozen():
     ("model.in_channels=32", "model.dim (64) must be at least the patch token's size, model.in_channels x "
                              "prod(model.patch_size) = 32 x 4 = 128"),
     ("teacher.dim=32", "teacher.dim (32) must be at least the patch token's size"),
+    ("teacher.patch_size=[2,2,2]", "teacher.patch_size must be [] (the backbone's) or three positive integers"),
+    ("teacher.patch_size=[1,3,3]", "teacher.patch_size [1, 3, 3] must divide the latent grid"),
+    ("teacher.patch_size=[1,4,4]", "teacher.dim (64) must be at least the patch token's size, model.in_channels x "
+                                   "prod(teacher.patch_size) = 16 x 16 = 256"),
     ("model.context_noise=-1", "model.context_noise must be in [0, 999]"),
     ("model.warp_denoising_step=3", "model.warp_denoising_step must be true or false"),
     ("memory.kind=frames", "memory.kind must be one of ['slot', 'frame_bank', 'none']"),
@@ -111,6 +115,15 @@ def test_validation_errors_name_the_field(repo_root, override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(f"{repo_root}/configs/tiny-random.yaml", [override])
     assert needle in str(e.value)
+
+
+def test_teacher_patch_defaults_to_the_backbones(repo_root):
+    """An empty teacher.patch_size keeps the backbone's grid; a set one changes only the teacher's tokens."""
+    cfg = load_config(f"{repo_root}/configs/tiny-random.yaml")
+    assert cfg.teacher.model_config(cfg.model).patch_size == cfg.model.patch_size == (1, 2, 2)
+    cfg = load_config(f"{repo_root}/configs/tiny-random.yaml", ["teacher.patch_size=[1,1,1]"])
+    teacher = cfg.teacher.model_config(cfg.model)
+    assert teacher.patch_size == (1, 1, 1) and teacher.tokens_per_frame == 64 and cfg.model.patch_size == (1, 2, 2)
 
 
 def test_unknown_section_and_bad_files(tmp_path):

@@ -1,5 +1,6 @@
 """The training pieces on tiny budgets, and the committed artifacts through the pipeline's loaders."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -16,7 +17,8 @@ from rollout.streaming import StreamState
 from slotmem.config import build_section
 from toyworld import train_causal as tc
 from toyworld.configs import (LATENT_SIZE, TEACHER, VAE_Z_DIM, Artifacts, student_memory_config,
-                              student_model_config, teacher_model_config, trained_model_config)
+                              student_model_config, teacher_model_config, trained_model_config,
+                              trained_teacher_config)
 from toyworld.data import LatentDataset, window_starts
 from toyworld.palette import pixel_frames
 from toyworld.sampling import euler_sample, stream_sample, student_generator
@@ -187,15 +189,24 @@ def test_committed_artifacts_load_through_the_pipeline_paths():
                                                 "model_path": str(artifacts.teacher)})
     teacher = CausalWanModel(teacher_section.model_config(cfg))
     load_checkpoint(teacher, artifacts.teacher)
+    # the architecture the bench and evaluate read from the run's teacher.json (paths aside)
+    assert trained_teacher_config(artifacts) == dataclasses.replace(teacher.cfg, model_path="", vae_path="",
+                                                                    text_encoder_path="")
     assert gen.backbone.cfg.num_layers == 4 and teacher.cfg.num_layers == teacher_section.num_layers
     size = sum(f.stat().st_size for f in artifacts.root.rglob("*") if f.is_file())
     assert size < 16 * 2**20  # a few MB, committed
 
 
+def test_a_run_without_teacher_json_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="teacher.json"):
+        trained_teacher_config(Artifacts(root=tmp_path))
+    (tmp_path / "teacher.json").write_text(json.dumps({**TEACHER, "patch_size": [1, 2, 2]}))
+    assert trained_teacher_config(Artifacts(root=tmp_path)).patch_size == (1, 2, 2)
+
+
 def test_toyworld_preset_is_the_trained_architecture(monkeypatch):
     """configs/tiny.yaml runs the models `make toyworld` trains: its sections are toyworld/configs.py's, its
     paths the committed artifacts (relative to the checkout, made absolute where the config is read)."""
-    import dataclasses
     from pathlib import Path
 
     from slotmem.config import load_config

@@ -40,7 +40,8 @@ def test_the_14b_teacher_builds_on_the_meta_device(repo_root):
 
 def test_teacher_and_critic_load_their_own_paths(cfg, tmp_path):
     torch.manual_seed(7)
-    big = dataclasses.replace(cfg.teacher, num_layers=3, dim=96, num_heads=4, ffn_dim=192)
+    # its own patch too (teacher.patch_size): it reads the student's latents on a finer token grid
+    big = dataclasses.replace(cfg.teacher, num_layers=3, dim=96, num_heads=4, ffn_dim=192, patch_size=(1, 1, 1))
     teacher = CausalWanModel(big.model_config(cfg.model))
     save_checkpoint(teacher, tmp_path / "teacher.safetensors")
     critic = CausalWanModel(cfg.model)
@@ -48,7 +49,12 @@ def test_teacher_and_critic_load_their_own_paths(cfg, tmp_path):
     run = dataclasses.replace(cfg, teacher=dataclasses.replace(big, model_path=str(tmp_path / "teacher.safetensors")),
                               trainer=dataclasses.replace(cfg.trainer, critic_path=str(tmp_path / "critic")))
     m = build_training_models(run.model, run.teacher, run.memory, run.trainer, stage=1)
-    assert len(m.teacher.blocks) == 3 and m.teacher.cfg.dim == 96
+    assert len(m.teacher.blocks) == 3 and m.teacher.cfg.dim == 96 and m.teacher.cfg.patch_size == (1, 1, 1)
+    latents = torch.randn(1, cfg.model.num_frame_per_block, cfg.model.in_channels, cfg.model.latent_height,
+                          cfg.model.latent_width)
+    text = m.teacher.encode_text(torch.randn(1, cfg.model.text_len, cfg.model.text_dim))
+    flow = m.teacher(latents, torch.full(latents.shape[:2], 500.0), text, start_frame=0, causal=False)
+    assert flow.shape == latents.shape  # the same latents in and out whatever the teacher's grid
     for key, value in teacher.state_dict().items():
         assert torch.equal(m.teacher.state_dict()[key], value)
     for key, value in critic.state_dict().items():  # the critic's own start, not the generator's
