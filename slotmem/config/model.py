@@ -184,8 +184,8 @@ class TeacherConfig:
     """Sinusoidal timestep embedding size (Wan: 256)."""
     patch_size: tuple[int, ...] = ()
     """The teacher's (t, h, w) patch; () = the backbone's (Wan2.1 14B and 1.3B share (1, 2, 2)). The teacher sees
-    the same latents as the student, so only its token grid differs: the toy world's teacher draws (1, 2, 2) on the
-    16x16 latent while the student streams (1, 4, 4) (README "The toy world")."""
+    the same latents as the student, so only its token grid differs: e.g. a (1, 2, 2) teacher on the toy world's
+    16x16 latent under its (1, 4, 4) student, whose 16x16-pixel tokens draw colour fringes (README "The toy world")."""
     model_path: str = ""
     """Local weights of the teacher (file or directory, Wan or diffusers layout); '' = derive the teacher from the
     generator's initial backbone (only with model.allow_random_weights, and then the teacher must have the
