@@ -1,6 +1,7 @@
 """Where the toy teacher fails: drawing a layout from noise, or refining a layout it is given.
 
-    python bench/toy_teacher.py [--clips 8] [--guidance 0 1 3] [--strengths 1.0 0.9 0.8 0.6] [--binding-sigmas 0.8 0.6 0.4]
+    python bench/toy_teacher.py [--clips 8] [--guidance 0 1 3] [--strengths 1.0 0.9 0.8 0.6]
+                                [--binding-sigmas 0.8 0.6 0.4]
 
 What runs. Held-out 21-latent-frame windows (toyworld/evaluate.py's teacher windows: prompts of
 training_script(EVAL_SEED + i), never trained on). Each window's ground-truth clip is rendered and encoded by
@@ -147,7 +148,8 @@ def main(argv=None) -> dict:
         group = windows[b:b + args.batch]
         clips = np.stack([window_clip(world, a) for _, world, a in group])  # [B, T, H, W, 3]
         masks = torch.stack([latent_entity_mask(clip, world.background) for clip, (_, world, _) in zip(clips, group)])
-        groups.append(([window_prompt(script, a) for script, _, a in group], vae.encode(torch.from_numpy(clips)), masks))
+        prompts = [window_prompt(script, a) for script, _, a in group]
+        groups.append((prompts, vae.encode(torch.from_numpy(clips)), masks))
     truth = [read_clip(frames, p) for prompts, latents, _ in groups
              for frames, p in zip(vae.decode(latents).numpy(), prompts)]
     binding = colour_binding(teacher, text, groups, args.binding_sigmas, args.seed)
