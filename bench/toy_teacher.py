@@ -37,14 +37,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model.schedule import build_scheduler  # noqa: E402
 from model.vae import build_vae  # noqa: E402
 from toyworld import judge  # noqa: E402
-from toyworld.configs import Artifacts, trained_model_config, trained_teacher_config  # noqa: E402
+from toyworld.configs import LATENT_SIZE, Artifacts, trained_model_config, trained_teacher_config  # noqa: E402
 from toyworld.data import window_prompt  # noqa: E402
 from toyworld.evaluate import teacher_windows, window_clip  # noqa: E402
 from toyworld.language import parse  # noqa: E402
-from model.schedule import build_scheduler  # noqa: E402
-from toyworld.palette import BACKGROUNDS, CLIP_FRAMES, COLOURS, VAE_TEMPORAL_STRIDE  # noqa: E402
+from toyworld.palette import BACKGROUNDS, CLIP_FRAMES, COLOURS, FRAME_SIZE, VAE_TEMPORAL_STRIDE  # noqa: E402
 from toyworld.sampling import euler_sample, load_teacher  # noqa: E402
 from toyworld.text import UNCONDITIONAL_PROMPTS, load_text_encoder  # noqa: E402
 
@@ -61,7 +61,7 @@ def read_clip(frames: np.ndarray, prompt: str) -> dict:
 
 
 ENTITY_DISTANCE = 30  # RGB max-channel distance from the background above which a pixel is an entity's
-SPATIAL_STRIDE = 4  # the toy VAE: 64x64 pixels -> 16x16 latents
+SPATIAL_STRIDE = FRAME_SIZE // LATENT_SIZE  # the toy VAE: 64x64 pixels -> 16x16 latents
 _COLOUR_CYCLE = dict(zip(COLOURS, [*list(COLOURS)[1:], list(COLOURS)[0]]))  # red -> green -> blue -> yellow -> red
 
 
@@ -74,6 +74,18 @@ def latent_entity_mask(clip: np.ndarray, background: str) -> torch.Tensor:
     rest = away[1:].unflatten(0, (-1, VAE_TEMPORAL_STRIDE)).amax(1)  # [(T-1)/4, H, W]
     frames = torch.cat([away[:1], rest])  # [F, H, W]
     return torch.nn.functional.max_pool2d(frames[:, None], SPATIAL_STRIDE)[:, 0]  # [F, h, w]
+
+
+def window_groups(windows, vae, batch: int) -> list[tuple[list[str], torch.Tensor, torch.Tensor]]:
+    """The windows in batches: (prompts, ground-truth latents [B, F, C, h, w], entity masks [B, F, h, w])."""
+    groups = []
+    for b in range(0, len(windows), batch):
+        group = windows[b:b + batch]
+        clips = np.stack([window_clip(world, a) for _, world, a in group])  # [B, T, H, W, 3]
+        masks = torch.stack([latent_entity_mask(clip, world.background) for clip, (_, world, _) in zip(clips, group)])
+        prompts = [window_prompt(script, a) for script, _, a in group]
+        groups.append((prompts, vae.encode(torch.from_numpy(clips)), masks))
+    return groups
 
 
 def permute_colours(prompt: str) -> str:
@@ -143,13 +155,7 @@ def main(argv=None) -> dict:
     uncond = text.encode([UNCONDITIONAL_PROMPTS[0]])[0]
 
     windows = teacher_windows(args.clips)
-    groups = []  # (prompts, ground-truth latents [B, F, C, h, w], entity masks [B, F, h, w])
-    for b in range(0, len(windows), args.batch):
-        group = windows[b:b + args.batch]
-        clips = np.stack([window_clip(world, a) for _, world, a in group])  # [B, T, H, W, 3]
-        masks = torch.stack([latent_entity_mask(clip, world.background) for clip, (_, world, _) in zip(clips, group)])
-        prompts = [window_prompt(script, a) for script, _, a in group]
-        groups.append((prompts, vae.encode(torch.from_numpy(clips)), masks))
+    groups = window_groups(windows, vae, args.batch)
     truth = [read_clip(frames, p) for prompts, latents, _ in groups
              for frames, p in zip(vae.decode(latents).numpy(), prompts)]
     binding = colour_binding(teacher, text, groups, args.binding_sigmas, args.seed)

@@ -102,12 +102,7 @@ def test_the_trained_teacher_reads_colour_words():
     artifacts = Artifacts()
     vae, text = build_vae(trained_model_config(artifacts)), load_text_encoder(artifacts.text_encoder)
     teacher = load_teacher(trained_teacher_config(artifacts), artifacts.teacher)
-    groups = []
-    for b in (0, 4):  # the bench's 8 windows in its batches of 4, so the numbers are the README's
-        windows = teacher_windows(8)[b:b + 4]
-        clips = np.stack([window_clip(world, a) for _, world, a in windows])
-        masks = torch.stack([toy_teacher.latent_entity_mask(c, w.background) for c, (_, w, _) in zip(clips, windows)])
-        groups.append(([window_prompt(s, a) for s, _, a in windows], vae.encode(torch.from_numpy(clips)), masks))
+    groups = toy_teacher.window_groups(teacher_windows(8), vae, 4)  # the bench's, so the numbers are the README's
     (row,) = toy_teacher.colour_binding(teacher, text, groups, [0.6], seed=0)
     assert row["permuted_ratio"] > 1.06 and row["empty_ratio"] > 1.06
 
