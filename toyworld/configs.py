@@ -74,7 +74,7 @@ LATENT_SIZE = 64 // 2 ** (len(VAE_DIM_MULT) - 1)  # 16
 # (64 tokens per frame would make the 240-frame causal passes ~4-16x dearer than the budget allows)
 STUDENT_MODEL = {
     "name": "toyworld-student", "num_layers": 4, "dim": 128, "num_heads": 4, "ffn_dim": 384, "freq_dim": 64,
-    "text_dim": 32, "text_len": 128, "in_channels": VAE_Z_DIM, "patch_size": [1, 4, 4],
+    "text_dim": 32, "text_len": 32, "in_channels": VAE_Z_DIM, "patch_size": [1, 4, 4],
     "latent_height": LATENT_SIZE, "latent_width": LATENT_SIZE, "num_frame_per_block": 3, "sink_size": 3,
     "local_attn_size": 12, "timestep_shift": 5.0, "denoising_steps": [1000, 750, 500, 250],
     "warp_denoising_step": True, "context_noise": 0,
@@ -84,8 +84,16 @@ STUDENT_MEMORY = {
     "kind": "slot", "slot_dim": 16, "num_slots_per_chunk": 4, "tokens_per_slot": 4, "bank_size": 6,
     "record_interval": 3, "retrieve_top_k": 12,
 }
-# the teacher: 1.5x deeper and 1.25x wider than the student (head_dim 32 like the student's)
-TEACHER = {"name": "toyworld-teacher", "num_layers": 6, "dim": 160, "num_heads": 5, "ffn_dim": 480, "freq_dim": 64}
+# text_len 32: the word tokenizer's longest grammar prompt is 18 tokens (toyworld/text.py); at 128, 110 identical
+# zero keys per prompt diluted the colour words in cross-attention (README "The toy world", colour binding).
+
+# the teacher: 1.5x deeper and 1.25x wider than the student (head_dim 32 like the student's), on Wan's own (1, 2, 2)
+# patch: 64 tokens per 16x16 latent frame, each 2x2 latent cell (8x8 pixels) its own token. On the student's
+# (1, 4, 4) patch the teacher did not bind colour words to objects (colour-permuted / right prompt x0 error 1.02 on
+# the entities at sigma 0.6 after 1000 steps); on (1, 2, 2) 1.09-1.10 and compact objects in the prompted colours
+# (README "The toy world"). A token holds 2 * 2 * 4 = 16 numbers, well below dim 160.
+TEACHER = {"name": "toyworld-teacher", "num_layers": 6, "dim": 160, "num_heads": 5, "ffn_dim": 480, "freq_dim": 64,
+           "patch_size": [1, 2, 2]}
 
 
 def student_model_config(**changes):

@@ -62,8 +62,11 @@ class LatentDataset:
 
     def clip_batch(self, rng: np.random.Generator, batch: int, frames: int = CLIP_FRAMES,
                    scripts: list[int] | None = None) -> tuple[Tensor, list[str]]:
-        """(x0 [B, frames, C, h, w], the window prompts) drawn uniformly over scripts, videos, starts."""
-        pool = list(range(len(self.scripts))) if scripts is None else scripts
+        """(x0 [B, frames, C, h, w], the window prompts) drawn uniformly over scripts, videos, starts (scripts
+        with no window of that length, short clips of long windows, are skipped)."""
+        pool = [s for s in (range(len(self.scripts)) if scripts is None else scripts) if self._starts(s, frames)]
+        if not pool:
+            raise ValueError(f"clip_batch: no script has a {frames}-frame window in {self.latents.shape[2]} frames")
         xs, prompts = [], []
         for _ in range(batch):
             s = int(rng.choice(pool))
@@ -119,8 +122,9 @@ def encode_videos(vae: VAE, scripts: list[Script], videos_per_script: int, laten
         stop = pixel_frames(latent_frames) if latent_frames else None
         video = torch.from_numpy(np.stack([render(w, 0, stop) for w in worlds]))  # [V, T, H, W, 3]
         out.append(vae.encode(video).to(torch.float16))  # [V, F, C, h, w]
-        log(f"[data] encoded script {s + 1}/{len(scripts)} ({videos_per_script} videos of {video.shape[1]} frames) "
-            f"{time.time() - t0:.0f}s")
+        if (s + 1) % max(1, len(scripts) // 10) == 0 or s + 1 == len(scripts):  # ~10 lines, however many scripts
+            log(f"[data] encoded script {s + 1}/{len(scripts)} ({videos_per_script} videos of {video.shape[1]} "
+                f"frames) {time.time() - t0:.0f}s")
     return torch.stack(out)
 
 

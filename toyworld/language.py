@@ -13,8 +13,8 @@ and setting restated (as LongLive / MemFlow switch prompts do); at most one even
 
 Lists read "A", "A and B", "A, B and C". No prompt mentions the hidden attribute (size). ``parse``
 inverts ``describe`` exactly and rejects anything else with the offending text in the message.
-Prompts stay under MAX_PROMPT_BYTES, so they fit the tiny preset's text_len of 128 even with a byte-level
-tokenizer (ByT5, one token per byte); toyworld/text.py's word-level one gives about 20.
+Prompts stay under MAX_PROMPT_BYTES; toyworld/text.py's word-level tokenizer gives at most 18 tokens, within the
+tiny preset's text_len of 32 (a test checks every training prompt fits).
 """
 
 from __future__ import annotations

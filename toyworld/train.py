@@ -6,8 +6,10 @@ unless --out is given), each deterministic in --seed:
   vae       tiny Wan VAE, reconstruction of rendered 5-frame clips      -> vae/ (diffusers)
   vae_temporal  its fine-tune on 13-frame clips (every cache at its steady state), latent statistics
   text      tiny umT5 with its fixed seeded weights                      -> text_encoder/ (transformers)
-  data      60 s training videos encoded by the VAE                      -> toyworld/.cache/ (git-ignored)
-  teacher   bidirectional teacher, flow matching on 21-frame windows     -> teacher.safetensors + teacher.json
+  data      60 s training videos encoded by the VAE, and the teacher's   -> toyworld/.cache/ (git-ignored)
+            wide set: the first seconds of many more scripts
+  teacher   bidirectional teacher, flow matching on the wide set: 6-frame -> teacher.safetensors + teacher.json
+            windows, then the trainer's 21-frame ones
   student   bidirectional student-sized base (the critic's init)         -> student_bidirectional.safetensors
   causal    causal few-step base, streaming teacher forcing with memory  -> student_causal.safetensors
 
@@ -34,31 +36,40 @@ from toyworld.configs import TEACHER, Artifacts, student_model_config, teacher_m
 from toyworld.data import load_or_build
 from toyworld.text import load_text_encoder, save_text_encoder
 from toyworld.train_causal import train_causal
-from toyworld.train_flow import train_bidirectional
+from toyworld.train_flow import Phase, train_bidirectional
 from toyworld.train_vae import TEMPORAL_CLIP_PIXEL_FRAMES, train_vae
 
 STAGES = ("vae", "vae_temporal", "text", "data", "teacher", "student", "causal")
 # budgets of the full run (sized for < 45 min on 2 CPU cores) and of --quick
 FULL = dict(vae_steps=900, vae_batch=8, vae_temporal_steps=600, stats_videos=24, stats_frames=21, psnr_clips=4,
-            num_scripts=12, videos_per_script=2, data_frames=None, teacher_steps=700, teacher_batch=8,
+            num_scripts=12, videos_per_script=2, data_frames=None, teacher_scripts=240, teacher_data_frames=30,
+            teacher_steps=1300, teacher_batch=16, teacher_frames=6, teacher_tail_steps=80, teacher_tail_batch=4,
             student_steps=700, student_batch=8, causal_passes=72, causal_frames=240)
+# The teacher's data and windows (README "The toy world", colour binding): 12 scripts hold 33 distinct prompts and
+# name red in 10 % of windows (blue / green / yellow 40 %); 240 scripts' first 30 latent frames (7 s) balance the
+# colours (33-38 % each) for the cost of encoding 2 of the long videos' minutes. 6-frame windows: at batch 16 a step
+# sees ~40 objects for the compute of 4-5 21-frame windows; the tail adapts it to the 21-frame windows DMD scores.
 # flow-matching peak rate of teacher and critic base: at 3e-4 the loss was 1.56 after 150 steps, at 1e-3 1.40
 FLOW_LR = 1e-3
 QUICK = dict(vae_steps=2, vae_batch=2, vae_temporal_steps=1, stats_videos=1, stats_frames=6, psnr_clips=1,
-             num_scripts=2, videos_per_script=2, data_frames=24, teacher_steps=2, teacher_batch=2, student_steps=2,
-             student_batch=2, causal_passes=1, causal_frames=12)
+             num_scripts=2, videos_per_script=2, data_frames=24, teacher_scripts=2, teacher_data_frames=24,
+             teacher_steps=2, teacher_batch=2, teacher_frames=6, teacher_tail_steps=1, teacher_tail_batch=1,
+             student_steps=2, student_batch=2, causal_passes=1, causal_frames=12)
 
 
-def _dataset(artifacts: Artifacts, budget: dict, cache: Path | None):
+def _datasets(artifacts: Artifacts, budget: dict, cache: Path | None):
+    """(the long videos of the students, the teacher's wide set)."""
     vae = build_vae(trained_model_config(artifacts))
     kwargs = {"cache_dir": cache} if cache is not None else {}
-    return load_or_build(vae, budget["num_scripts"], budget["videos_per_script"], budget["data_frames"], **kwargs)
+    long = load_or_build(vae, budget["num_scripts"], budget["videos_per_script"], budget["data_frames"], **kwargs)
+    wide = load_or_build(vae, budget["teacher_scripts"], 1, budget["teacher_data_frames"], **kwargs)
+    return long, wide
 
 
 def run(stages, artifacts: Artifacts, budget: dict, seed: int = 0, cache: Path | None = None) -> dict:
     artifacts.root.mkdir(parents=True, exist_ok=True)
     summary = json.loads(artifacts.training_summary.read_text()) if artifacts.training_summary.is_file() else {}
-    data = text = None
+    data = wide = text = None
     t_all = time.time()
     for stage in stages:
         t0, cpu0 = time.time(), _cpu_seconds()
@@ -76,19 +87,23 @@ def run(stages, artifacts: Artifacts, budget: dict, seed: int = 0, cache: Path |
             summary["text"] = {"path": artifacts.text_encoder.name}
         else:
             text = text or load_text_encoder(artifacts.text_encoder)
-            data = data or _dataset(artifacts, budget, cache)
+            if data is None:
+                data, wide = _datasets(artifacts, budget, cache)
             if stage == "data":
                 summary["data"] = {"scripts": len(data.scripts), "videos_per_script": data.latents.shape[1],
-                                   "latent_frames": data.latents.shape[2]}
+                                   "latent_frames": data.latents.shape[2], "teacher_scripts": len(wide.scripts),
+                                   "teacher_latent_frames": wide.latents.shape[2]}
             elif stage == "teacher":
+                phases = [Phase(budget["teacher_steps"], budget["teacher_batch"], budget["teacher_frames"]),
+                          Phase(budget["teacher_tail_steps"], budget["teacher_tail_batch"])]
                 _, summary["teacher"] = train_bidirectional(
-                    "teacher", teacher_model_config(), data, text, artifacts.teacher, steps=budget["teacher_steps"],
-                    batch=budget["teacher_batch"], lr=FLOW_LR, seed=seed)
+                    "teacher", teacher_model_config(), wide, text, artifacts.teacher, phases=phases, lr=FLOW_LR,
+                    seed=seed)
                 artifacts.teacher_json.write_text(json.dumps(TEACHER, indent=2) + "\n")
             elif stage == "student":
                 _, summary["student"] = train_bidirectional(
                     "student", student_model_config(), data, text, artifacts.critic_base,
-                    steps=budget["student_steps"], batch=budget["student_batch"], lr=FLOW_LR, seed=seed)
+                    phases=[Phase(budget["student_steps"], budget["student_batch"])], lr=FLOW_LR, seed=seed)
             elif stage == "causal":
                 init = read_checkpoint(artifacts.critic_base)  # the saved (float16) bidirectional base
                 _, summary["causal"] = train_causal(

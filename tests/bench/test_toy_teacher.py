@@ -93,8 +93,9 @@ def test_permuted_prompts_name_every_entity_in_another_colour():
 @pytest.mark.skipif(not Artifacts().teacher.is_file(), reason="no trained teacher under toyworld/weights")
 def test_the_trained_teacher_reads_colour_words():
     """The committed teacher's x0 prediction on the entities is worse with the colours permuted than with the
-    prompt's own (README "The toy world": permuted/right 1.12 at sigma 0.6 on 8 windows); a teacher trained on
-    shuffled or dropped text would give ~1."""
+    prompt's own, and with the empty prompt (README "The toy world": permuted/right 1.20, empty/right 1.11 at sigma
+    0.8 on 8 windows; at sigma 0.6 the entities are readable off x_t and the empty prompt costs only 1.03); a
+    teacher trained on shuffled or dropped text would give ~1."""
     from toyworld.configs import trained_model_config, trained_teacher_config
     from toyworld.sampling import load_teacher
     from toyworld.text import load_text_encoder
@@ -103,8 +104,8 @@ def test_the_trained_teacher_reads_colour_words():
     vae, text = build_vae(trained_model_config(artifacts)), load_text_encoder(artifacts.text_encoder)
     teacher = load_teacher(trained_teacher_config(artifacts), artifacts.teacher)
     groups = toy_teacher.window_groups(teacher_windows(8), vae, 4)  # the bench's, so the numbers are the README's
-    (row,) = toy_teacher.colour_binding(teacher, text, groups, [0.6], seed=0)
-    assert row["permuted_ratio"] > 1.06 and row["empty_ratio"] > 1.06
+    (row,) = toy_teacher.colour_binding(teacher, text, groups, [0.8], seed=0)
+    assert row["permuted_ratio"] > 1.12 and row["empty_ratio"] > 1.05, row
 
 
 @pytest.mark.skipif(not Artifacts().teacher.is_file(), reason="no trained teacher under toyworld/weights")

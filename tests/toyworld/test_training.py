@@ -24,7 +24,7 @@ from toyworld.palette import pixel_frames
 from toyworld.sampling import euler_sample, stream_sample, student_generator
 from toyworld.scripts import Script, interactive_script, memory_script, training_script
 from toyworld.text import UNCONDITIONAL_PROMPTS, load_text_encoder, save_text_encoder, word_tokenizer
-from toyworld.train_flow import text_batch, train_bidirectional
+from toyworld.train_flow import Phase, text_batch, train_bidirectional
 from toyworld.train_vae import train_vae
 from toyworld.world import render
 
@@ -49,7 +49,7 @@ def test_saved_text_encoder_is_the_tiny_seeded_one_with_one_token_per_word(text_
     fresh = build_text_encoder(student_model_config(), tokenizer=word_tokenizer())
     a, mask = loaded.encode([prompt])
     b, _ = fresh.encode([prompt])
-    assert a.shape == (1, 128, 32) and torch.equal(a, b)
+    assert a.shape == (1, 32, 32) and torch.equal(a, b)
     assert int(mask.sum()) == len(prompt.replace(",", " ,").split()) + 1  # words and the comma, plus EOS
     # a one-word change gives a different token there, not a nearly equal byte sequence
     c, _ = loaded.encode([prompt.replace("red", "green")])
@@ -58,11 +58,14 @@ def test_saved_text_encoder_is_the_tiny_seeded_one_with_one_token_per_word(text_
 
 @pytest.mark.parametrize("make", [training_script, interactive_script, memory_script])
 def test_the_word_tokenizer_knows_every_word_the_grammar_writes(make):
+    """... and every prompt fits the preset's text_len (the encoder truncates silently)."""
     tok = word_tokenizer()
     unk = tok.convert_tokens_to_ids("<unk>")
+    text_len = student_model_config().text_len
     for seed in range(40):
         for prompt in make(seed).prompts:
-            assert unk not in tok(prompt).input_ids, prompt
+            ids = tok(prompt).input_ids
+            assert unk not in ids and len(ids) <= text_len, prompt
 
 
 def test_vae_stats_are_the_measured_latent_statistics(tmp_path):
@@ -109,13 +112,23 @@ def test_windows_are_labelled_by_the_prompt_that_describes_them(dataset):
 
 def test_bidirectional_training_saves_a_wan_checkpoint(tmp_path, text_dir, dataset):
     out = tmp_path / "teacher.safetensors"
+    phases = [Phase(steps=2, batch=2, frames=6), Phase(steps=1, batch=1)]  # short windows, then 21-frame ones
     ema, summary = train_bidirectional("teacher", teacher_model_config(), dataset, load_text_encoder(text_dir), out,
-                                       steps=2, batch=2, lr=1e-3, log_every=1)
+                                       phases=phases, lr=1e-3, log_every=1)
     model = CausalWanModel(teacher_model_config())
     assert load_checkpoint(model, out) == "wan"
     for name, p in model.state_dict().items():
         assert torch.equal(p, ema.state_dict()[name].half().float()), name
-    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+    assert summary["steps"] == 3 and np.isfinite(summary["final_loss"])
+    assert summary["phases"] == [{"steps": 2, "batch": 2, "frames": 6}, {"steps": 1, "batch": 1, "frames": 21}]
+
+
+def test_clip_batch_skips_scripts_without_a_window_of_the_length(dataset):
+    short = LatentDataset(dataset.scripts, dataset.latents[:, :, :22])  # 22 frames: few 21-frame windows
+    x0, _ = short.clip_batch(np.random.default_rng(0), 8, frames=21)
+    assert x0.shape[:2] == (8, 21)
+    with pytest.raises(ValueError, match="no script has a 23-frame window"):
+        short.clip_batch(np.random.default_rng(0), 1, frames=23)
 
 
 def test_causal_training_streams_with_memory(monkeypatch, tmp_path, text_dir, dataset):
@@ -249,7 +262,9 @@ def test_make_toyworld_chain_runs_on_smoke_budgets_with_an_override(tmp_path, ca
     train.main(["all", "--quick", "--out", str(out), "--cache", str(tmp_path / "cache"), "--budget", "teacher_steps=3"])
     summary = json.loads((out / "training.json").read_text())
     assert set(summary["stage_seconds"]) == set(train.STAGES)
-    assert summary["teacher"]["steps"] == 3 and summary["student"]["steps"] == train.QUICK["student_steps"]
+    assert summary["teacher"]["steps"] == 3 + train.QUICK["teacher_tail_steps"]
+    assert summary["student"]["steps"] == train.QUICK["student_steps"]
+    assert summary["data"]["teacher_scripts"] == train.QUICK["teacher_scripts"]
     artifacts = Artifacts(root=out)
     for path in (artifacts.teacher, artifacts.critic_base, artifacts.causal_base, artifacts.vae / "config.json"):
         assert path.is_file(), path

@@ -1,22 +1,21 @@
 """DMD learns: the distilled student moves toward the teacher on the judge's adherence (issue 11, item 5).
 
-The toy world's committed models disagree, in a way the judge sees, on one prompt: the causal base draws "a yellow
-triangle on a black background" mostly without a yellow entity (adherence 0.10 over 6 samples, none above 0.31),
-while the toy teacher, sampled as DMD scores it (40 Euler steps, CFG 3 against the negative prompt), draws it
-(0.49 and 0.48 on 2 samples). Stage I's engines (real DeepSpeed, ZeRO-2, one process) run the worker's update
-exactly -- ``generator_loss`` (self-rolled window, DMD teacher vs critic, + lambda_slot L_slot), backward, step,
-then ``critic_updates_per_generator`` critic updates -- on windows of that prompt at the start of a video.
+The toy world's committed models disagree, in a way the judge sees, on one prompt: the causal base draws "a green
+square on a grey background" on the wrong background and without the square (adherence 0.01 over 6 samples), while
+the toy teacher, sampled as DMD scores it (40 Euler steps, CFG 3 against the negative prompt), draws it (0.96 and
+0.84 on 2 samples). Stage I's engines (real DeepSpeed, ZeRO-2, one process) run the worker's update exactly --
+``generator_loss`` (self-rolled window, DMD teacher vs critic, + lambda_slot L_slot), backward, step, then
+``critic_updates_per_generator`` critic updates -- on windows of that prompt at the start of a video.
 
-Measured on 2 CPU cores: after 8 generator updates the student's adherence is 0.31 (training seed 0) and 0.33
-(seed 7), after 16 0.33. With the generator loss's sign flipped it falls to 0.00; multiplied by zero (a detached
-gradient) it stays at 0.10; either fails this test. The bars: mean <= 0.15 before, >= 0.22 after, teacher >= 0.4.
-About 40 s.
+Measured on 2 CPU cores: after 8 generator updates the student's adherence is 0.48 (training seed 0) and 0.65
+(seed 7), after 4 0.24. With the generator loss's sign flipped it falls to 0.00; multiplied by zero (a detached
+gradient) it stays at 0.01; either fails this test. The bars: mean <= 0.15 before, >= 0.3 after, teacher >= 0.7.
+About 45 s.
 
-Over the whole prompt distribution the teacher is not ahead of the base (0.39 vs 0.46 in toyworld.evaluate), so this
-prompt is picked where the gap is large (14 prompts probed; the demo's first prompt: base 0.22, teacher 0.55, but
-8 updates moved it only to 0.24). What the test guards is the direction and the reach of the update, not the
-teacher's quality. The 16-channel models of the first toy world passed the same test on "a red circle on a black
-background" (0.00 -> 0.42).
+The prompt is picked where the gap is large (6 prompts probed: the teacher led the base by +0.89 here, +0.41 on "a
+yellow triangle on a black background", the previous models' test prompt, where 8 updates now reach 0.47 from
+0.11; by -0.03 to +0.38 on the other four). What the test guards is the direction and the reach of the update,
+not the teacher's quality.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from trainer.window import TrajectoryWindow, draw_exit_steps
 
 pytestmark = pytest.mark.timeout(240)
 
-PROMPT = "a yellow triangle on a black background"
+PROMPT = "a green square on a grey background"
 GENERATOR_UPDATES = 8
 SAMPLES = 6
 SEED = 100
@@ -70,7 +69,7 @@ def test_dmd_moves_the_student_toward_the_teacher_on_the_judge(repo_root):
     teacher = adherence(vae, euler_sample(engines.teacher, text.encode([PROMPT] * 2)[0], negative, seed=SEED,
                                           guidance=cfg.trainer.guidance_scale))
     before = student_adherence()
-    assert np.mean(teacher) >= 0.4, f"the toy teacher no longer draws the prompt: {teacher}"
+    assert np.mean(teacher) >= 0.7, f"the toy teacher no longer draws the prompt: {teacher}"
     assert np.mean(before) <= 0.15, f"the causal base already draws the prompt, nothing to learn: {before}"
 
     rng = torch.Generator().manual_seed(0)
@@ -94,6 +93,6 @@ def test_dmd_moves_the_student_toward_the_teacher_on_the_judge(repo_root):
         c.backward(loss)
         c.step()
     after = student_adherence()
-    assert np.mean(after) >= 0.22, (f"{GENERATOR_UPDATES} DMD updates did not move the student toward the teacher: "
+    assert np.mean(after) >= 0.3, (f"{GENERATOR_UPDATES} DMD updates did not move the student toward the teacher: "
                                     f"adherence {np.mean(before):.2f} -> {np.mean(after):.2f} (teacher "
-                                    f"{np.mean(teacher):.2f}; measured 0.31)")
+                                    f"{np.mean(teacher):.2f}; measured 0.48)")
