@@ -10,7 +10,7 @@ the toy teacher, sampled as DMD scores it (40 Euler steps, CFG 3 against the neg
 Measured on 2 CPU cores: after 8 generator updates the student's adherence is 0.48 (training seed 0) and 0.65
 (seed 7), after 4 0.24. With the generator loss's sign flipped it falls to 0.00; multiplied by zero (a detached
 gradient) it stays at 0.01; either fails this test. The bars: mean <= 0.15 before, >= 0.3 after, teacher >= 0.7.
-About 45 s.
+About 45 s alone, 77 s in the suite (the teacher's two 40-step CFG samples on its (1, 2, 2) patch).
 
 The prompt is picked where the gap is large (6 prompts probed: the teacher led the base by +0.89 here, +0.41 on "a
 yellow triangle on a black background", the previous models' test prompt, where 8 updates now reach 0.47 from
