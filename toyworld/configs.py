@@ -71,7 +71,9 @@ VAE_Z_DIM = 4
 LATENT_SIZE = 64 // 2 ** (len(VAE_DIM_MULT) - 1)  # 16
 
 # patch (1, 4, 4) on the 16x16 latent: 16 tokens per frame, the cost of the (1, 2, 2) patch on an 8x8 latent
-# (64 tokens per frame would make the 240-frame causal passes ~4-16x dearer than the budget allows)
+# (64 tokens per frame would make the 240-frame causal passes ~4-16x dearer than the budget allows).
+# text_len 32: the word tokenizer's longest grammar prompt is 18 tokens (toyworld/text.py); at 128, 110 identical
+# zero keys per prompt diluted the colour words in cross-attention (README "The toy world", colour binding).
 STUDENT_MODEL = {
     "name": "toyworld-student", "num_layers": 4, "dim": 128, "num_heads": 4, "ffn_dim": 384, "freq_dim": 64,
     "text_dim": 32, "text_len": 32, "in_channels": VAE_Z_DIM, "patch_size": [1, 4, 4],
@@ -84,9 +86,6 @@ STUDENT_MEMORY = {
     "kind": "slot", "slot_dim": 16, "num_slots_per_chunk": 4, "tokens_per_slot": 4, "bank_size": 6,
     "record_interval": 3, "retrieve_top_k": 12,
 }
-# text_len 32: the word tokenizer's longest grammar prompt is 18 tokens (toyworld/text.py); at 128, 110 identical
-# zero keys per prompt diluted the colour words in cross-attention (README "The toy world", colour binding).
-
 # the teacher: 1.5x deeper and 1.25x wider than the student (head_dim 32 like the student's), on Wan's own (1, 2, 2)
 # patch: 64 tokens per 16x16 latent frame, each 2x2 latent cell (8x8 pixels) its own token. On the student's
 # (1, 4, 4) patch the teacher did not bind colour words to objects (colour-permuted / right prompt x0 error 1.02 on

@@ -18,7 +18,7 @@ import copy
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -116,12 +116,12 @@ def train_bidirectional(name: str, model_cfg, data: LatentDataset, text_encoder,
         running.append(loss.item())
         if step % log_every == 0 or step == steps:
             history.append((step, float(np.mean(running))))
-            print(f"[{name}] step {step}/{steps} ({phase.frames} frames) flow loss {history[-1][1]:.4f} lr {sched.get_last_lr()[0]:.2e} "
-                  f"{time.time() - t0:.0f}s", flush=True)
+            print(f"[{name}] step {step}/{steps} ({phase.frames} frames) flow loss {history[-1][1]:.4f} "
+                  f"lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s", flush=True)
             running = []
     save_checkpoint(copy.deepcopy(ema).to(torch.float16), out_file, layout="wan")
     seconds = time.time() - t0
     print(f"[{name}] done: {steps} steps in {seconds:.0f}s, final flow loss {history[-1][1]:.4f}; saved {out_file}",
           flush=True)
-    return ema, {"steps": steps, "phases": [vars(p) for p in phases], "seconds": seconds, "final_loss": history[-1][1],
-                 "loss_history": history, "parameters": params}
+    return ema, {"steps": steps, "phases": [asdict(p) for p in phases], "seconds": seconds,
+                 "final_loss": history[-1][1], "loss_history": history, "parameters": params}
