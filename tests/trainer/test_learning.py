@@ -3,9 +3,10 @@
 The toy world's committed models disagree, in a way the judge sees, on one prompt: the causal base draws "a green
 square on a grey background" on the wrong background and without the square (adherence 0.01 over 6 samples), while
 the toy teacher, sampled with DMD's guidance (CFG 3 against the negative prompt), draws it (0.86 and 0.76 on 2
-samples in 20 Euler steps, 10 s; 0.96 and 0.84 in 40, 18 s). Stage I's engines (real DeepSpeed, ZeRO-2, one process) run the worker's update exactly --
-``generator_loss`` (self-rolled window, DMD teacher vs critic, + lambda_slot L_slot), backward, step, then
-``critic_updates_per_generator`` critic updates -- on windows of that prompt at the start of a video.
+samples in 20 Euler steps, 10 s; 0.96 and 0.84 in 40, 18 s). Stage I's engines (real DeepSpeed, ZeRO-2, one
+process) run the worker's update exactly -- ``generator_loss`` (self-rolled window, DMD teacher vs critic,
++ lambda_slot L_slot), backward, step, then ``critic_updates_per_generator`` critic updates -- on windows of that
+prompt at the start of a video.
 
 Measured on 2 CPU cores: after 8 generator updates the student's adherence is 0.48 (training seed 0) and 0.65
 (seed 7), after 4 0.24. With the generator loss's sign flipped it falls to 0.00; multiplied by zero (a detached
