@@ -11,7 +11,7 @@ prompt at the start of a video.
 Measured on 2 CPU cores: after 8 generator updates the student's adherence is 0.48 (training seed 0) and 0.65
 (seed 7), after 4 0.24. With the generator loss's sign flipped it falls to 0.00; multiplied by zero (a detached
 gradient) it stays at 0.01; either fails this test. The bars: mean <= 0.15 before, >= 0.3 after, teacher >= 0.7.
-About 60 s alone, 85 s in the suite with the teacher check at 40 steps (now 20).
+About 60 s alone, 49 s in the fresh-clone suite (85 s when the teacher check sampled 40 steps).
 
 The prompt is picked where the gap is large (6 prompts probed: the teacher led the base by +0.89 here, +0.41 on "a
 yellow triangle on a black background", the previous models' test prompt, where 8 updates now reach 0.47 from
